@@ -1,0 +1,472 @@
+"""Claims about the method, each checked on the CPU in seconds, offline (HF_HUB_OFFLINE=1).
+
+Tiny GPT-2 models are built from configs and saved to a temporary folder, so `from_pretrained` on a
+local path is what the tests exercise; data is a small JSONL the tests write.
+"""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+import minillm as M
+
+HERE = Path(__file__).parent
+
+
+# ---------------------------------------------------------------------------------------------------
+# fixtures: tiny models and a word-level tokenizer, saved and loaded back by path
+
+WORDS = ("the a cat dog sat on mat ran to park red blue green big small one two three four five "
+         "name color animal say list count what is of and write short story about").split()
+
+
+def word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers.models.gpt2 import tokenization_gpt2  # noqa: F401  (keeps transformers' import order)
+    specials = ["<pad>", "<eos>", "<unk>"]
+    prompt_words = M.build_prompt("x", "y").replace("\n", " ").replace(":", " : ").replace(".", " . ").replace(",", " , ").split()
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(specials + prompt_words + WORDS + ["#", ":", ".", ","]))}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
+def tiny_gpt2(vocab_size, seed, n_layer=2, n_embd=32, scale=1.0, dtype=torch.float32, tied=True):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(tie_word_embeddings=tied, vocab_size=vocab_size, n_positions=128, n_embd=n_embd, n_layer=n_layer, n_head=2,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                     bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
+    model = GPT2LMHeadModel(cfg)
+    with torch.no_grad():  # sharper distributions than the default init, so p and q differ clearly
+        model.transformer.wte.weight.mul_(scale)
+        if not tied:
+            model.lm_head.weight.normal_(0, scale / n_embd ** 0.5)
+    return model.to(dtype).eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return word_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory, tok):
+    """A 'teacher' (4 layers) and a 'student' (1 layer) saved to disk with the tokenizer."""
+    root = tmp_path_factory.mktemp("models")
+    paths = {}
+    for name, layers, seed in [("teacher", 4, 1), ("student", 1, 2)]:
+        model = tiny_gpt2(len(tok), seed, n_layer=layers)
+        model.config.eos_token_id = tok.eos_token_id
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        paths[name] = str(root / name)
+    return paths
+
+
+def write_jsonl(path, n=12):
+    rows = []
+    for i in range(n):
+        a, b = WORDS[i % 10], WORDS[(3 * i + 1) % 10]
+        rows.append({"instruction": f"say {a} and {b}", "input": "" if i % 2 else "the cat", "output": f"{a} {b} {a}"})
+    Path(path).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def loss_args(**kw):
+    base = dict(clip_eps=0.0, single_step=True, normalize="sequence")
+    base.update(kw)
+    return Namespace(**base)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. The gradient is the exact gradient of the sequence-level reverse KL.
+
+V, EOS, PROMPT, N_MAX = 4, 3, [0, 1], 3
+
+
+def all_responses():
+    """Every response of at most N_MAX tokens that stops at its first EOS."""
+    out = []
+    for n in range(1, N_MAX + 1):
+        for ys in itertools.product(range(V), repeat=n):
+            if EOS not in ys[:-1] and (n == N_MAX or ys[-1] == EOS):
+                out.append(list(ys))
+    return out
+
+
+def response_logits(model, y):
+    ids = torch.tensor([PROMPT + y])
+    return model(input_ids=ids).logits[:, len(PROMPT) - 1:-1]  # (1, n, V)
+
+
+def surrogate_gradient(student, teacher, include_current=False, single_step=True, length_norm=False):
+    """Σ_y q_θ(y) ∇ loss(y): the expectation over every response of the per-sequence surrogate."""
+    student.zero_grad()
+    for y in all_responses():
+        tokens = torch.tensor([y])
+        with torch.no_grad():
+            zs, zt = response_logits(student, y), response_logits(teacher, y)
+            logq, logp = M.token_logprobs(zs, tokens), M.token_logprobs(zt, tokens)
+        mask = torch.ones_like(logq)
+        r = M.rewards(logp, logq, mask)
+        adv = M.long_term_returns(r, mask, 1.0, include_current or not single_step, length_norm)
+        mb = {"prompt_ids": torch.tensor([PROMPT]), "prompt_mask": torch.ones(1, len(PROMPT), dtype=torch.long),
+              "tokens": tokens, "mask": mask, "logp_student": logq, "w": torch.ones_like(logq), "adv": adv,
+              "teacher_logits": zt}
+        loss, _ = M.minillm_loss(student, mb, loss_args(single_step=single_step), n_norm=1, dtype=torch.float64)
+        (logq.sum().exp() * loss).backward()  # weight by q_θ(y): an exact expectation, no sampling
+    return torch.cat([p.grad.flatten() for p in student.parameters()])
+
+
+def exact_kl_gradient(student, teacher):
+    """∇_θ KL(q_θ||p) = ∇ Σ_y q_θ(y) log(q_θ(y)/p(y)) by autograd over the enumeration."""
+    student.zero_grad()
+    kl = 0.0
+    for y in all_responses():
+        tokens = torch.tensor([y])
+        logq = M.token_logprobs(response_logits(student, y), tokens).sum()
+        with torch.no_grad():
+            logp = M.token_logprobs(response_logits(teacher, y), tokens).sum()
+        kl = kl + logq.exp() * (logq - logp)
+    kl.backward()
+    return kl.item(), torch.cat([p.grad.flatten() for p in student.parameters()])
+
+
+@pytest.fixture(scope="module")
+def enum_models():
+    student = tiny_gpt2(V, seed=0, n_layer=1, n_embd=8, scale=20.0, dtype=torch.float64)
+    teacher = tiny_gpt2(V, seed=1, n_layer=1, n_embd=8, scale=20.0, dtype=torch.float64).requires_grad_(False)
+    return student, teacher
+
+
+def test_enumeration_is_a_distribution(enum_models):
+    student, _ = enum_models
+    with torch.no_grad():
+        total = sum(M.token_logprobs(response_logits(student, y), torch.tensor([y])).sum().exp() for y in all_responses())
+    assert len(all_responses()) == 1 + 3 + 36
+    assert abs(total.item() - 1.0) < 1e-12
+
+
+def test_paper_gradient_is_exact_reverse_kl_gradient(enum_models):
+    """(∇L)_Single + (∇L)_Long with R_{t+1} is an unbiased estimate of ∇KL(q_θ||p) (NOTES §1)."""
+    student, teacher = enum_models
+    kl, exact = exact_kl_gradient(student, teacher)
+    assert kl > 0.05 and exact.norm() > 1e-3  # a non-trivial problem
+    ours = surrogate_gradient(student, teacher)
+    torch.testing.assert_close(ours, exact, atol=1e-6, rtol=0)
+
+
+def test_reinforce_without_single_step_is_also_exact(enum_models):
+    """--no-single-step puts r_t back in the return: plain REINFORCE, still unbiased."""
+    student, teacher = enum_models
+    _, exact = exact_kl_gradient(student, teacher)
+    ours = surrogate_gradient(student, teacher, single_step=False)
+    torch.testing.assert_close(ours, exact, atol=1e-6, rtol=0)
+
+
+def test_official_return_counts_r_t_twice(enum_models):
+    """The lmops return includes r_t while the single-step term already has it: biased (NOTES §2)."""
+    student, teacher = enum_models
+    _, exact = exact_kl_gradient(student, teacher)
+    biased = surrogate_gradient(student, teacher, include_current=True)
+    assert (biased - exact).norm() > 0.1 * exact.norm()
+
+
+def test_length_norm_changes_the_gradient(enum_models):
+    student, teacher = enum_models
+    assert not torch.allclose(surrogate_gradient(student, teacher, length_norm=True), surrogate_gradient(student, teacher))
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Pure functions on hand-checked values.
+
+def test_long_term_returns_by_hand():
+    r = torch.tensor([[1.0, 2.0, 4.0, 0.0]])
+    m = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # T = 3
+    # paper: R_{t+1} = sum of future rewards; normalised = their mean (divisor T-t-1)
+    assert M.long_term_returns(r, m, length_norm=False).tolist() == [[6.0, 4.0, 0.0, 0.0]]
+    assert M.long_term_returns(r, m, length_norm=True).tolist() == [[3.0, 4.0, 0.0, 0.0]]
+    # lmops: G_t = Σ_{k>=t} γ^{k-t} r_k, divided by T-t
+    g = 0.5
+    G = [1 + g * 2 + g * g * 4, 2 + g * 4, 4.0]
+    got = M.long_term_returns(r, m, gamma=g, include_current=True, length_norm=True)
+    torch.testing.assert_close(got, torch.tensor([[G[0] / 3, G[1] / 2, G[2] / 1, 0.0]]))
+
+
+def test_mixture_and_weights():
+    lq, lp = torch.log(torch.tensor([0.5, 0.1])), torch.log(torch.tensor([0.1, 0.7]))
+    mix = M.mixture_logprobs(lq, lp, 0.2)
+    torch.testing.assert_close(mix.exp(), torch.tensor([0.8 * 0.5 + 0.2 * 0.1, 0.8 * 0.1 + 0.2 * 0.7]))
+    assert torch.equal(M.importance_weights(lq, M.mixture_logprobs(lq, lp, 0.0)), torch.ones(2))
+    torch.testing.assert_close(M.importance_weights(lq, mix), torch.tensor([0.5 / 0.42, 0.1 / 0.22]))
+
+
+def test_rewards_are_detached_scaled_clipped():
+    lq = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    lp = torch.tensor([[-3.0, -500.0]])
+    r = M.rewards(lp, lq, torch.ones(1, 2), scale=0.5, clip=100.0)
+    assert not r.requires_grad
+    assert r.tolist() == [[-4.0, -100.0]]
+
+
+def test_ppo_clip():
+    lq = torch.zeros(1, 3, requires_grad=True)
+    w = torch.tensor([[1.0, 2.0, 0.5]])
+    adv = torch.tensor([[1.0, 1.0, -1.0]])
+    loss, clipped = M.long_term_loss(lq, torch.zeros(1, 3), w, adv, clip_eps=0.2)
+    torch.testing.assert_close(loss, torch.tensor([[-1.0, -1.2, 0.8]]))  # ρ = 2 clipped to 1.2 (A>0); ρ = 0.5 clipped to 0.8 (A<0)
+    assert clipped.tolist() == [[False, True, True]]
+    loss.sum().backward()
+    assert lq.grad.tolist() == [[-1.0, 0.0, 0.0]]  # clipped tokens pass no gradient
+
+
+def test_single_step_kl_closed_form():
+    zs, zt = torch.tensor([[[0.0, 1.0]]], requires_grad=True), torch.tensor([[[1.0, 0.0]]], requires_grad=True)
+    kl = M.single_step_kl(zs, zt)
+    q = torch.softmax(torch.tensor([0.0, 1.0]), 0)
+    p = torch.softmax(torch.tensor([1.0, 0.0]), 0)
+    torch.testing.assert_close(kl, (q * (q / p).log()).sum().view(1, 1))
+    kl.sum().backward()
+    assert zt.grad is None  # gradient through the student only
+
+
+def test_whiten():
+    x, m = torch.tensor([[1.0, 3.0, 100.0]]), torch.tensor([[1.0, 1.0, 0.0]])
+    torch.testing.assert_close(M.whiten(x, m), torch.tensor([[-1.0, 1.0, 0.0]]), atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Teacher-mixed sampling.
+
+def test_recorded_logprobs_equal_a_fresh_forward():
+    """KV-cached, left-padded sampling records the log-probs and teacher logits of a full forward."""
+    student, teacher = tiny_gpt2(40, 3, scale=5.0), tiny_gpt2(40, 4, n_layer=3, scale=5.0)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
+    ids, attn = M.collate_prompts(prompts, pad_id=0)
+    torch.manual_seed(0)
+    roll = M.sample_rollouts(student, teacher, ids, attn, eos_id=1, pad_id=0, max_new_tokens=10, alpha=0.5)
+    mb = dict(roll, prompt_ids=ids, prompt_mask=attn)
+    assert roll["mask"].sum() > 12 and (roll["mask"].sum(1) > 1).all()
+    with torch.no_grad():
+        zs = M.student_response_logits(student, mb, torch.float32)
+        zt = M.student_response_logits(teacher, mb, torch.float32)
+    m = roll["mask"]
+    torch.testing.assert_close(M.token_logprobs(zs, roll["tokens"]) * m, roll["logp_student"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(M.token_logprobs(zt, roll["tokens"]) * m, roll["logp_teacher"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(zt * m[..., None], roll["teacher_logits"] * m[..., None], atol=1e-4, rtol=0)
+    torch.testing.assert_close(M.single_step_kl(zs, zt) * m, roll["kl"], atol=1e-4, rtol=0)
+
+
+def test_response_mask_first_eos_is_a_target():
+    student, teacher = tiny_gpt2(6, 5, scale=5.0), tiny_gpt2(6, 6, scale=5.0)
+    ids, attn = M.collate_prompts([[2, 3]] * 64, pad_id=0)
+    roll = M.sample_rollouts(student, teacher, ids, attn, eos_id=1, pad_id=0, max_new_tokens=6, alpha=0.2)
+    for toks, m in zip(roll["tokens"].tolist(), roll["mask"].tolist()):
+        n = int(sum(m))
+        assert m == [1.0] * n + [0.0] * (len(m) - n)  # a prefix of ones
+        assert 1 not in toks[:n - 1]  # no EOS before the last target
+        assert n == len(m) or toks[n - 1] == 1  # stopped early only at an EOS, which is a target
+    assert (roll["mask"][:, -1] == 0).any()  # some responses did stop early
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_alpha_extremes_sample_the_student_or_the_teacher(alpha):
+    student, teacher = tiny_gpt2(5, 7, scale=2.0, tied=False), tiny_gpt2(5, 8, scale=2.0, tied=False)
+    prompt = torch.tensor([[2, 3, 4]])
+    with torch.no_grad():
+        q = torch.softmax(student(input_ids=prompt).logits[0, -1], -1)
+        p = torch.softmax(teacher(input_ids=prompt).logits[0, -1], -1)
+    assert (p - q).abs().sum() > 0.3  # the two are easy to tell apart
+    n = 4000
+    ids, attn = M.collate_prompts([[2, 3, 4]] * n, pad_id=0)
+    roll = M.sample_rollouts(student, teacher, ids, attn, eos_id=99, pad_id=0, max_new_tokens=1, alpha=alpha,
+                             generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(roll["tokens"][:, 0], minlength=5).float() / n
+    target = q if alpha == 0 else p
+    assert (freq - target).abs().max() < 4 * (0.25 / n) ** 0.5  # 4 standard errors
+    if alpha == 0:
+        assert torch.equal(roll["w"], torch.ones_like(roll["w"]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. Padding, SFT masking, the teacher-once property.
+
+def make_batch(student, teacher, prompts, n_new=5, seed=0):
+    ids, attn = M.collate_prompts(prompts, pad_id=0)
+    roll = M.sample_rollouts(student, teacher, ids, attn, 1, 0, n_new, 0.2, generator=torch.Generator().manual_seed(seed))
+    roll.update(prompt_ids=ids, prompt_mask=attn)
+    r = M.rewards(roll["logp_teacher"], roll["logp_student"], roll["mask"])
+    roll["adv"] = M.long_term_returns(r, roll["mask"])
+    return roll
+
+
+def test_padding_invariance():
+    """More padding (left on the prompt, right on the response) changes neither logits nor loss."""
+    student, teacher = tiny_gpt2(30, 9, scale=5.0), tiny_gpt2(30, 10, scale=5.0)
+    mb = make_batch(student, teacher, [[3, 4, 5], [6, 7, 8, 9, 10, 11, 12]])
+    padded = {}
+    for k, v in mb.items():
+        if k.startswith("prompt"):
+            padded[k] = M.pad_to(v, v.shape[1] + 4, 1, 0, left=True)
+        else:
+            padded[k] = M.pad_to(v, v.shape[1] + 3, 1, 0)
+    with torch.no_grad():
+        a = M.student_response_logits(student, mb, torch.float32)
+        b = M.student_response_logits(student, padded, torch.float32)[:, :a.shape[1]]
+    m = mb["mask"][..., None]
+    torch.testing.assert_close(a * m, b * m, atol=1e-5, rtol=0)
+    args = loss_args(clip_eps=0.2, normalize="token")
+    la, _ = M.minillm_loss(student, mb, args, n_norm=mb["mask"].sum().item())
+    lb, _ = M.minillm_loss(student, padded, args, n_norm=padded["mask"].sum().item())
+    torch.testing.assert_close(la, lb, atol=1e-6, rtol=0)
+    # one row alone vs the same row padded inside a batch: the same per-sequence loss
+    row = {k: v[:1] for k, v in mb.items()}
+    l_row, _ = M.minillm_loss(student, row, loss_args(), n_norm=1)
+    l_row2, _ = M.minillm_loss(student, {k: v[1:] for k, v in mb.items()}, loss_args(), n_norm=1)
+    l_both, _ = M.minillm_loss(student, mb, loss_args(), n_norm=2)
+    torch.testing.assert_close(l_both, (l_row + l_row2) / 2, atol=1e-6, rtol=0)
+
+
+def test_sft_masks_the_prompt(tok):
+    examples = [([5, 6, 7], [8, 9, 1]), ([5], [10, 1])]
+    ids, attn, labels = M.collate_sft(examples, pad_id=0)
+    assert labels.tolist() == [[-100, -100, -100, 8, 9, 1], [-100, 10, 1, -100, -100, -100]]
+    assert attn.tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0]]
+    model = tiny_gpt2(20, 11)
+    loss_sum, n = M.sft_loss(model, ids, attn, labels, torch.float32)
+    assert n.item() == 5  # response tokens and the EOS only
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn).logits
+        lp = torch.log_softmax(logits, -1)
+    manual = -(lp[0, 2, 8] + lp[0, 3, 9] + lp[0, 4, 1] + lp[1, 0, 10] + lp[1, 1, 1])
+    torch.testing.assert_close(loss_sum, manual, atol=1e-5, rtol=0)
+
+
+def test_tokenization_matches_the_official_rule(tok):
+    rec = {"instruction": "say red", "input": "", "output": "red blue"}
+    p, r = M.tokenize_example(tok, rec, 256, 512)
+    assert tok.decode(p) == tok.decode(tok(M.build_prompt("say red"))["input_ids"])
+    assert r[-1] == tok.eos_token_id and tok.decode(r[:-1]) == "red blue"
+    assert M.tokenize_example(tok, rec, max_prompt_len=5, max_len=512) is None  # long prompts are dropped
+
+
+def test_gradient_accumulation_does_not_change_the_update():
+    student, teacher = tiny_gpt2(30, 12, scale=5.0), tiny_gpt2(30, 13, scale=5.0)
+    mb = make_batch(student, teacher, [[3, 4], [5, 6, 7], [8], [9, 10, 11, 12]], n_new=6)
+    args = loss_args(clip_eps=0.2, normalize="token")
+    n = mb["mask"].sum().item()
+
+    def grad(micro):
+        student.zero_grad()
+        for i in range(0, 4, micro):
+            loss, _ = M.minillm_loss(student, {k: v[i:i + micro] for k, v in mb.items()}, args, n)
+            loss.backward()
+        return torch.cat([p.grad.flatten() for p in student.parameters()])
+
+    torch.testing.assert_close(grad(1), grad(4), atol=1e-6, rtol=1e-5)
+
+
+def distill_args(tmp_path, **kw):
+    args = M.parse_args(["--device", "cpu", "--out", str(tmp_path), "--steps", "2", "--rollouts", "4", "--batch-size", "2",
+                         "--micro-batch-size", "1", "--gen-batch-size", "4", "--ppo-epochs", "1", "--max-new-tokens", "6",
+                         "--warmup-steps", "1", "--log-interval", "100"])
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_teacher_runs_once_per_rollout_token(tmp_path, tok, monkeypatch):
+    student, teacher = tiny_gpt2(len(tok), 14, scale=5.0), tiny_gpt2(len(tok), 15, scale=5.0).requires_grad_(False)
+    calls = []
+    teacher.register_forward_hook(lambda mod, inp, kw_out: None)
+    teacher.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True)
+    bufs = []
+    orig = M.collect_rollouts
+    monkeypatch.setattr(M, "collect_rollouts", lambda *a, **k: bufs.append(orig(*a, **k)) or bufs[-1])
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+    M.distill(student, teacher, tok, prompts, str(tmp_path / "d"), distill_args(tmp_path), torch.float32)
+    assert len(bufs) == 1  # 2 steps × batch 2 = one collection of 4 rollouts, one epoch
+    P, N = bufs[0]["prompt_ids"].shape[1], bufs[0]["tokens"].shape[1]
+    assert calls[0] == (4, P)  # the prompt, once
+    assert calls[1:] == [(4, 1)] * (N - 1)  # then one token at a time; the last token needs no forward
+    # teacher evaluations per response position: exactly one, none during the two optimizer steps
+
+
+def test_every_stabiliser_switch_changes_training(tmp_path, tok):
+    """α = 0, no length norm, no single-step term, no L_PT: each really changes the update."""
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+    pt = iter(lambda: torch.arange(3, 19), None)
+
+    def run(**kw):
+        student, teacher = tiny_gpt2(len(tok), 16, scale=5.0), tiny_gpt2(len(tok), 17, scale=5.0).requires_grad_(False)
+        stream = None if kw.pop("no_pt", False) else pt
+        args = distill_args(tmp_path, pt_batch_size=2, **kw)
+        M.set_seed(0)
+        M.distill(student, teacher, tok, prompts, str(tmp_path / "d"), args, torch.float32, stream)
+        return torch.cat([p.detach().flatten() for p in student.parameters()])
+
+    base = run()
+    assert torch.equal(base, run())  # seeded: the same run twice is identical
+    for change in [dict(alpha=0.0), dict(length_norm=False), dict(single_step=False), dict(no_pt=True)]:
+        assert not torch.allclose(base, run(**change), atol=1e-7, rtol=0), change
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. End to end, through the command line.
+
+def run_cli(args, cwd):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, str(HERE / "minillm.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_end_to_end_cli(tmp_path, saved_models):
+    write_jsonl(tmp_path / "data.jsonl")
+    (tmp_path / "pt.txt").write_text("the cat sat on the mat\n\nthe dog ran to the park\n\na big red dog\n")
+    out = tmp_path / "run"
+    cmd = ["--teacher", saved_models["teacher"], "--student", saved_models["student"], "--data", str(tmp_path / "data.jsonl"),
+           "--val-size", "3", "--pt-data", str(tmp_path / "pt.txt"), "--out", str(out), "--device", "cpu",
+           "--teacher-epochs", "1", "--student-epochs", "2", "--sft-max-steps", "2", "--sft-batch-size", "4",
+           "--sft-micro-batch-size", "2", "--steps", "2", "--rollouts", "4", "--batch-size", "2", "--micro-batch-size", "1",
+           "--gen-batch-size", "2", "--max-new-tokens", "8", "--pt-batch-size", "2", "--pt-seq-len", "8", "--recipe", "lmops"]
+    res = run_cli(cmd, tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for stage in ["teacher-sft", "student-sft", "minillm"]:
+        assert (out / stage / "done.json").exists()
+        assert (out / stage / "model.safetensors").exists()
+        AutoModelForCausalLM.from_pretrained(out / stage)
+        rows = [json.loads(line) for line in open(out / stage / "log.jsonl")]
+        assert rows and all("step" in r for r in rows)
+    rows = [json.loads(line) for line in open(out / "minillm" / "log.jsonl")]
+    assert len(rows) == 2 and {"rkl", "w_mean", "w_max", "clip_frac", "len", "loss_long", "loss_single", "loss_pt", "lr", "ms", "tok_s"} <= set(rows[0])
+    assert (out / "minillm" / "reverse_kl.png").exists()
+    assert "step     2/2 | rkl" in res.stdout
+    res2 = run_cli(cmd, tmp_path)  # a finished run is not redone
+    assert res2.returncode == 0 and res2.stdout.count("skipping") == 3
+
+
+def test_import_has_no_side_effects():
+    res = subprocess.run([sys.executable, "-c", "import minillm"], cwd=HERE, capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout == ""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_smoke(tmp_path, tok):
+    """bf16 teacher, fp32 student under autocast: one distillation step runs and the loss is finite."""
+    student = tiny_gpt2(len(tok), 18, scale=5.0).cuda()
+    teacher = tiny_gpt2(len(tok), 19, scale=5.0).cuda().to(torch.bfloat16).requires_grad_(False)
+    args = distill_args(tmp_path, device="cuda", steps=1)
+    M.distill(student, teacher, tok, [[5, 6, 7], [8, 9], [10, 11], [12]], str(tmp_path / "d"), args, torch.bfloat16)
+    assert next(student.parameters()).dtype == torch.float32
+    rows = [json.loads(line) for line in open(tmp_path / "d" / "log.jsonl")]
+    assert all(torch.isfinite(torch.tensor(rows[-1][k])) for k in ["loss_long", "loss_single", "rkl"])
