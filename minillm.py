@@ -65,6 +65,10 @@ def build_parser():
     g.add_argument("--out", default="out", help="run folder; one subfolder per stage")
     g.add_argument("--skip-teacher-sft", action="store_true", help="the teacher is already instruction-tuned (e.g. MiniLLM/teacher-gpt2-1.5B)")
     g.add_argument("--skip-student-sft", action="store_true", help="distil straight from --student (e.g. MiniLLM/init-gpt2-120M)")
+    g.add_argument("--method", choices=["minillm", "sft", "kd", "seqkd"], default="minillm",
+                   help="minillm, or a baseline of the paper: sft (no KD), kd (word-level), seqkd (on teacher samples)")
+    g.add_argument("--kd-ratio", type=float, default=0.5, help="kd: λ in (1-λ)·CE + λ·KL(p||q_θ) (paper: 0.5)")
+    g.add_argument("--seqkd-kd-ratio", type=float, default=0.0, help="seqkd: extra word-level KD share (official scripts: 0.5; paper: 0)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off: safer)")
 
     g = p.add_argument_group("lengths (NOTES §5)")
@@ -776,7 +780,65 @@ def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None
 
 
 # ----------------------------------------------------------------------------------------------------
-# main: the three stages.
+# Baselines (NOTES §4): SeqKD needs the teacher's own answers to the training prompts.
+
+@torch.no_grad()
+def teacher_responses(model, tok, prompts, args, dtype, desc="seqkd: teacher samples"):
+    """One sampled response per prompt (τ = --temperature, top-p/top-k as flags), batched with the KV cache."""
+    model.eval()
+    texts = []
+    for i in __import__("tqdm").trange(0, len(prompts), args.gen_batch_size, desc=desc, dynamic_ncols=True):
+        ids, attn = (x.to(args.device) for x in collate_prompts(prompts[i:i + args.gen_batch_size], tok.pad_token_id))
+        with autocast(args.device, dtype):
+            out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=args.temperature,
+                                 top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        for row in out[:, ids.shape[1]:].tolist():
+            row = row[:row.index(tok.eos_token_id)] if tok.eos_token_id in row else row  # cut at the first EOS
+            texts.append(tok.decode(row, skip_special_tokens=True).strip())
+    return texts
+
+
+def seqkd_data(teacher_path, tok, train_rec, path, args, dtype):
+    """The teacher's answers to the training prompts, written once to `path` (JSONL) and reused."""
+    if os.path.exists(path):
+        print(f"seqkd: reusing teacher data {path}")
+        return load_records(path)
+    teacher = load_model(teacher_path, args.device, dtype, args.trust_remote_code)
+    prompts, kept = [], []
+    for r in train_rec:
+        ex = tokenize_example(tok, r, args.max_prompt_len, args.max_len)
+        if ex is not None:
+            prompts.append(ex[0])
+            kept.append(r)
+    texts = teacher_responses(teacher, tok, prompts, args, dtype)
+    rows = [{"instruction": r["instruction"], "input": r.get("input", ""), "output": t} for r, t in zip(kept, texts)]
+    os.makedirs(Path(path).parent, exist_ok=True)
+    tmp = str(path) + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, path)  # written whole or not at all
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# main: the stages. minillm: teacher SFT -> student SFT -> MiniLLM. Baselines share the same stages:
+# sft = the student SFT itself; kd and seqkd fine-tune the pre-trained student with the student-SFT
+# hyperparameters (the paper's baselines), against the SFT'd teacher.
+
+def sft_stage(path, init, tok, train, val, args, lr, epochs, dtype, teacher_path=None, kd_ratio=0.0):
+    """Run one SFT stage into `path` unless it is already done there."""
+    if is_done(path):
+        print(f"{Path(path).name}: done, skipping ({path})")
+        return path
+    model = load_model(init, args.device, torch.float32, args.trust_remote_code)
+    teacher = None
+    if kd_ratio > 0:
+        teacher = load_model(teacher_path, args.device, dtype, args.trust_remote_code).eval().requires_grad_(False)
+        check_same_vocab(load_tokenizer(teacher_path, args.trust_remote_code), tok, teacher, model)
+    sft(model, tok, train, val, path, args, lr, epochs, dtype, teacher, kd_ratio)
+    return path
+
 
 def main(argv=None):
     args = parse_args(argv)
@@ -785,7 +847,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps(vars(args), indent=1))
-    print(f"device {args.device} | dtype {dtype} | recipe {args.recipe} | out {out}")
+    print(f"method {args.method} | device {args.device} | dtype {dtype} | recipe {args.recipe} | out {out}")
 
     tok = load_tokenizer(args.student, args.trust_remote_code)
     records = load_records(args.data)
@@ -793,26 +855,32 @@ def main(argv=None):
     train = tokenize_dataset(tok, train_rec, args.max_prompt_len, args.max_len, "train")
     val = tokenize_dataset(tok, val_rec, args.max_prompt_len, args.max_len, "val")
 
-    # (a) teacher SFT
+    # (a) teacher SFT (every method but plain SFT needs the teacher)
     teacher_path = args.teacher
-    if not args.skip_teacher_sft:
-        teacher_path = str(out / "teacher-sft")
-        if is_done(teacher_path):
-            print(f"teacher-sft: done, skipping ({teacher_path})")
-        else:
-            model = load_model(args.teacher, args.device, torch.float32, args.trust_remote_code)
-            sft(model, tok, train, val, teacher_path, args, args.teacher_lr, args.teacher_epochs, dtype)
-            del model
-    # (b) student SFT, keeping the lowest validation loss
+    if args.method != "sft" and not args.skip_teacher_sft:
+        teacher_path = sft_stage(str(out / "teacher-sft"), args.teacher, tok, train, val, args, args.teacher_lr, args.teacher_epochs, dtype)
+    if args.method == "kd":  # (1-λ)·CE + λ·KL(p||q_θ) on the gold responses
+        path = sft_stage(str(out / "kd"), args.student, tok, train, val, args, args.student_lr, args.student_epochs, dtype,
+                         teacher_path, args.kd_ratio)
+        print(f"done: {path}")
+        return
+    if args.method == "seqkd":  # SFT on the teacher's own samples
+        rows = seqkd_data(teacher_path, tok, train_rec, out / "seqkd" / "teacher_data.jsonl", args, dtype)
+        seq_train = tokenize_dataset(tok, rows, args.max_prompt_len, args.max_len, "seqkd train")
+        path = sft_stage(str(out / "seqkd"), args.student, tok, seq_train, val, args, args.student_lr, args.student_epochs,
+                         dtype, teacher_path, args.seqkd_kd_ratio)
+        print(f"done: {path}")
+        return
+    # (b) student SFT, keeping the lowest validation loss: the SFT baseline and MiniLLM's starting point
     student_path = args.student
     if not args.skip_student_sft:
-        student_path = str(out / "student-sft")
-        if is_done(student_path):
-            print(f"student-sft: done, skipping ({student_path})")
-        else:
-            model = load_model(args.student, args.device, torch.float32, args.trust_remote_code)
-            sft(model, tok, train, val, student_path, args, args.student_lr, args.student_epochs, dtype)
-            del model
+        student_path = sft_stage(str(out / "student-sft"), args.student, tok, train, val, args, args.student_lr, args.student_epochs, dtype)
+    if args.method == "sft":
+        link = out / "sft"
+        if not link.exists():
+            link.symlink_to("student-sft", target_is_directory=True)  # the same checkpoint, not trained twice
+        print(f"done: {link} (= {student_path})")
+        return
     # (c) MiniLLM
     minillm_path = str(out / "minillm")
     if is_done(minillm_path):

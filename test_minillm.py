@@ -455,6 +455,52 @@ def test_end_to_end_cli(tmp_path, saved_models):
     assert res2.returncode == 0 and res2.stdout.count("skipping") == 3
 
 
+def test_kd_loss_by_hand():
+    """KD: (1-λ)·Σ CE(gold) + λ·Σ KL(p||q_θ) over response tokens; λ = 0 is SFT."""
+    examples = [([5, 6], [8, 1]), ([7], [9, 10, 1])]
+    ids, attn, labels = M.collate_sft(examples, pad_id=0)
+    student, teacher = tiny_gpt2(20, 20, scale=3.0), tiny_gpt2(20, 21, scale=3.0)
+    lam = 0.3
+    kd_sum, n = M.sft_loss(student, ids, attn, labels, torch.float32, teacher, lam)
+    with torch.no_grad():
+        lq = torch.log_softmax(student(input_ids=ids, attention_mask=attn).logits, -1)
+        lp = torch.log_softmax(teacher(input_ids=ids, attention_mask=attn).logits, -1)
+    manual = 0.0
+    for b, pos, target in [(0, 1, 8), (0, 2, 1), (1, 0, 9), (1, 1, 10), (1, 2, 1)]:  # position predicting target
+        ce = -lq[b, pos, target]
+        kl = (lp[b, pos].exp() * (lp[b, pos] - lq[b, pos])).sum()
+        manual = manual + (1 - lam) * ce + lam * kl
+    assert n.item() == 5
+    torch.testing.assert_close(kd_sum, manual, atol=1e-5, rtol=0)
+    sft_sum, _ = M.sft_loss(student, ids, attn, labels, torch.float32)
+    kd0_sum, _ = M.sft_loss(student, ids, attn, labels, torch.float32, teacher, 0.0)
+    assert torch.equal(kd0_sum, sft_sum)
+
+
+def test_baselines_end_to_end(tmp_path, saved_models):
+    """sft, kd and seqkd each train from one command; SeqKD's teacher data is written once, then reused."""
+    write_jsonl(tmp_path / "data.jsonl")
+    out = tmp_path / "run"
+    common = ["--teacher", saved_models["teacher"], "--student", saved_models["student"], "--data", str(tmp_path / "data.jsonl"),
+              "--val-size", "3", "--out", str(out), "--device", "cpu", "--teacher-epochs", "1", "--student-epochs", "1",
+              "--sft-max-steps", "2", "--sft-batch-size", "4", "--gen-batch-size", "4", "--max-new-tokens", "6"]
+    for method in ["sft", "kd", "seqkd"]:
+        res = run_cli(common + ["--method", method], tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert (out / method / "done.json").exists(), method
+        AutoModelForCausalLM.from_pretrained(out / method)
+    assert not (out / "minillm").exists()
+    data = out / "seqkd" / "teacher_data.jsonl"
+    rows = [json.loads(line) for line in open(data)]
+    assert len(rows) == 9 and all(set(r) == {"instruction", "input", "output"} for r in rows)
+    stamp = data.stat().st_mtime_ns
+    (out / "seqkd" / "done.json").unlink()  # force the stage to train again: the teacher data must be reused
+    res = run_cli(common + ["--method", "seqkd"], tmp_path)
+    assert res.returncode == 0 and "reusing teacher data" in res.stdout
+    assert data.stat().st_mtime_ns == stamp
+    assert res.stdout.count("teacher-sft: done, skipping") == 1
+
+
 def test_import_has_no_side_effects():
     res = subprocess.run([sys.executable, "-c", "import minillm"], cwd=HERE, capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout == ""
