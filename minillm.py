@@ -113,6 +113,10 @@ def build_parser():
         g.add_argument("--" + name.replace("_", "-"), type=type(paper), default=None, help=f"paper: {paper}, lmops: {lmops}")
     g.add_argument("--teacher-logits-offload", action="store_true", help="keep the rollout buffer's teacher logits in CPU memory")
 
+    g = p.add_argument_group("demo (offline, CPU, minutes): synthetic tasks, tiny models, every method")
+    g.add_argument("--demo", action="store_true", help="run the whole story on generated data with tiny models; other flags apply on top")
+    g.add_argument("--quick", action="store_true", help="with --demo: a shortened run (well under a minute), for CI")
+
     g = p.add_argument_group("system")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
@@ -122,8 +126,21 @@ def build_parser():
     return p
 
 
+# --demo changes these defaults; flags given on the command line still win. "demo" = generated in OUT/demo.
+DEMO = dict(teacher="demo", student="demo", data="demo", pt_data="demo", out="out-demo", device="cpu", val_size=200,
+            max_prompt_len=64, max_len=96, max_new_tokens=16, teacher_lr=2e-3, teacher_epochs=12, student_lr=2e-3,
+            student_epochs=8, sft_batch_size=32, sft_micro_batch_size=32, min_lr=1e-4, steps=120, lr=2e-4,
+            warmup_steps=10, batch_size=32, micro_batch_size=32, rollouts=128, gen_batch_size=128, pt_batch_size=8,
+            pt_seq_len=64, log_interval=10)
+QUICK = dict(teacher_epochs=2, student_epochs=1, steps=8, rollouts=64, gen_batch_size=64, log_interval=4)
+
+
 def parse_args(argv=None):
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if "--demo" in argv:
+        parser.set_defaults(**{**DEMO, **(QUICK if "--quick" in argv else {})})
+    args = parser.parse_args(argv)
     for name, (paper, lmops) in RECIPES.items():  # a flag given explicitly wins over the recipe
         if getattr(args, name) is None:
             setattr(args, name, paper if args.recipe == "paper" else lmops)
@@ -822,6 +839,137 @@ def seqkd_data(teacher_path, tok, train_rec, path, args, dtype):
 
 
 # ----------------------------------------------------------------------------------------------------
+# The demo: a synthetic instruction-following task, tiny GPT-2s built from configs, every method, one table.
+# Several task families; three of them have many correct answers (any color, any two animals, any of four
+# sentences), which is where forward KL (SFT, KD) spreads mass between modes and reverse KL picks modes.
+
+COLORS = "red blue green yellow purple".split()
+ANIMALS = "cat dog cow fox owl".split()
+OPPOSITES = {"hot": "cold", "big": "small", "up": "down", "fast": "slow", "old": "new", "day": "night"}
+SENTENCES = ["the {} is big", "the {} can run fast", "the {} likes the park", "a {} sat on the mat"]
+
+
+def demo_example(rng):
+    """One {instruction, input, output, refs} record; `refs` lists every correct answer."""
+    family = rng.choice(["color", "animals", "sentence", "count", "reverse", "opposite"])
+    if family == "color":
+        out = rng.choice(COLORS)
+        return dict(instruction="Name a color.", input="", output=out, refs=COLORS)
+    if family == "animals":
+        a, b = rng.sample(ANIMALS, 2)
+        return dict(instruction="Name two animals.", input="", output=f"{a} and {b}",
+                    refs=[f"{x} and {y}" for x in ANIMALS for y in ANIMALS if x != y])
+    if family == "sentence":
+        a = rng.choice(ANIMALS)
+        return dict(instruction=f"Write a short sentence about the {a}.", input="", output=rng.choice(SENTENCES).format(a),
+                    refs=[t.format(a) for t in SENTENCES])
+    if family == "count":
+        lo = rng.randint(0, 5)
+        out = " ".join(str(i) for i in range(lo, lo + rng.randint(3, 5)))
+        return dict(instruction=f"Count from {out[0]} to {out[-1]}.", input="", output=out, refs=[out])
+    if family == "reverse":
+        words = rng.sample(COLORS + ANIMALS, 3)
+        out = " ".join(reversed(words))
+        return dict(instruction="Reverse the words.", input=" ".join(words), output=out, refs=[out])
+    word = rng.choice(list(OPPOSITES) + list(OPPOSITES.values()))
+    out = OPPOSITES.get(word) or next(k for k, v in OPPOSITES.items() if v == word)
+    return dict(instruction=f"What is the opposite of {word}?", input="", output=out, refs=[out])
+
+
+def demo_tokenizer(texts):
+    """A word-level tokenizer over the demo's words (offline, tiny vocabulary, exact round trips)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    pre = pre_tokenizers.Whitespace()
+    words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(t)})
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>"] + words)}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
+def prepare_demo(args):
+    """Write the demo's data, tokenizer and initial models under OUT/demo and point the flags at them."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    root = Path(args.out) / "demo"
+    rng = random.Random(args.seed)
+    sets = {"val": 200, "train": 3000, "test": 300}
+    recs = {k: [demo_example(rng) for _ in range(n)] for k, n in sets.items()}
+    root.mkdir(parents=True, exist_ok=True)
+    write = lambda path, rows: Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))  # noqa: E731
+    write(root / "data.jsonl", recs["val"] + recs["train"])  # the first --val-size records are validation
+    write(root / "test.jsonl", [dict(r, output=r["refs"]) for r in recs["test"]])  # every correct answer is a reference
+    pt_text = "\n\n".join(f"{r['instruction']} {r['input']} {r['output']}." for r in recs["train"])
+    (root / "pt.txt").write_text(pt_text)  # the "pre-training corpus": plain text of the same world
+    texts = [build_prompt(r["instruction"], r["input"]) + r["output"] for rs in recs.values() for r in rs]
+    tok = demo_tokenizer(texts + [PROMPT])
+    shapes = {"teacher": dict(n_layer=4, n_embd=128, n_head=4), "student": dict(n_layer=2, n_embd=64, n_head=2)}
+    for name, shape in shapes.items():
+        if getattr(args, name) != "demo":
+            continue
+        path = root / f"{name}-init"
+        if not (path / "config.json").exists():
+            torch.manual_seed(args.seed + len(name))
+            cfg = GPT2Config(vocab_size=len(tok), n_positions=128, bos_token_id=tok.eos_token_id,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **shape)
+            save_checkpoint(GPT2LMHeadModel(cfg), tok, path)
+        setattr(args, name, str(path))
+    if args.data == "demo":
+        args.data = str(root / "data.jsonl")
+    if args.pt_data == "demo":
+        args.pt_data = str(root / "pt.txt")
+    return root / "test.jsonl"
+
+
+@torch.no_grad()
+def demo_eval(paths, teacher_path, test_file, args, dtype, seeds=(10, 20, 30)):
+    """Held-out table: Rouge-L of sampled answers (τ = 1, max over the correct answers, mean over seeds),
+    and the reverse KL(q||p) per token measured on each model's own samples (α = 0)."""
+    from eval import rouge_l
+    tok = load_tokenizer(teacher_path)
+    recs = load_records(test_file)
+    prompts = [tokenize_example(tok, r, args.max_prompt_len, args.max_len)[0] for r in recs]
+    teacher = load_model(teacher_path, args.device, dtype).eval()
+    rows = {}
+    for name, path in paths.items():
+        model = load_model(path, args.device, dtype).eval()
+        scores, kls, lens = [], [], []
+        for seed in seeds:
+            gen = torch.Generator(device=args.device).manual_seed(seed)
+            ids, attn = (x.to(args.device) for x in collate_prompts(prompts, tok.pad_token_id))
+            roll = sample_rollouts(model, teacher, ids, attn, tok.eos_token_id, tok.pad_token_id, args.max_new_tokens,
+                                   alpha=0.0, dtype=dtype, keep_teacher_logits=False, generator=gen)
+            texts = [tok.decode([t for t, m in zip(row, mrow) if m and t != tok.eos_token_id], skip_special_tokens=True)
+                     for row, mrow in zip(roll["tokens"].tolist(), roll["mask"].tolist())]
+            scores.append(rouge_l(texts, [r["output"] for r in recs]))
+            kls.append((roll["kl"].sum() / roll["mask"].sum()).item())
+            lens.append(roll["mask"].sum(1).mean().item())
+        rows[name] = dict(rouge_l=sum(scores) / len(scores), rouge_l_std=float(torch.tensor(scores).std()) if len(scores) > 1 else 0.0,
+                          reverse_kl=sum(kls) / len(kls), length=sum(lens) / len(lens), example=texts[:3])
+    return rows
+
+
+def run_demo(args):
+    """Every method on the demo task, then one table on the held-out prompts."""
+    t0 = time.time()
+    test_file = prepare_demo(args)
+    for method in ["minillm", "sft", "kd", "seqkd"]:
+        args.method = method
+        run(args)
+    out = Path(args.out)
+    paths = {"teacher": out / "teacher-sft", "SFT": out / "student-sft", "KD": out / "kd", "SeqKD": out / "seqkd",
+             "MiniLLM": out / "minillm"}
+    rows = demo_eval(paths, str(out / "teacher-sft"), test_file, args, resolve_dtype(args))
+    lines = ["| model | Rouge-L (held out) | reverse KL(q‖p) per token | mean length |", "|---|---|---|---|"]
+    lines += [f"| {k} | {r['rouge_l']:.1f} ± {r['rouge_l_std']:.1f} | {r['reverse_kl']:.3f} | {r['length']:.1f} |" for k, r in rows.items()]
+    table = "\n".join(lines)
+    print("\n" + table + f"\n\ndemo finished in {time.time() - t0:.0f} s; reverse-KL curve: {out / 'minillm' / 'reverse_kl.png'}")
+    (out / "demo_results.md").write_text(table + "\n")
+    (out / "demo_results.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
 # main: the stages. minillm: teacher SFT -> student SFT -> MiniLLM. Baselines share the same stages:
 # sft = the student SFT itself; kd and seqkd fine-tune the pre-trained student with the student-SFT
 # hyperparameters (the paper's baselines), against the SFT'd teacher.
@@ -842,6 +990,13 @@ def sft_stage(path, init, tok, train, val, args, lr, epochs, dtype, teacher_path
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.demo:
+        return run_demo(args)
+    return run(args)
+
+
+def run(args):
+    """The stages of one --method."""
     set_seed(args.seed)
     dtype = resolve_dtype(args)
     out = Path(args.out)
