@@ -13,13 +13,16 @@ Stages, each a Hugging Face checkpoint + log.jsonl under --out, skipped when alr
     OUT/teacher-sft/   SFT of the teacher on the instruction data (--skip-teacher-sft if already tuned)
     OUT/student-sft/   SFT of the student, the checkpoint with the lowest validation loss is kept
     OUT/minillm/       MiniLLM distillation starting from OUT/student-sft/
+Rerunning the same command resumes the unfinished stage from OUT/stage/ckpt/ (--save-interval);
+`torchrun --nproc_per_node=K minillm.py ...` runs every stage data-parallel (DDP, teacher replicated).
 
 Reading order: arguments -> the math (pure functions of tensors) -> data -> models -> teacher-mixed
 sampling -> SFT -> the distillation loop -> main.
 
 Deliberate simplifications, stated up front:
-  * One process, one device (CUDA bf16 or CPU fp32). No DeepSpeed, no value network, no KL-to-reference:
-    the official code has none of the last two either.
+  * One device per process (CUDA bf16 or CPU fp32), plain DDP across processes: every rank holds the
+    whole teacher and student. No DeepSpeed/ZeRO, no value network, no KL-to-reference: the official
+    code has none of the last two either.
   * The teacher runs exactly once per rollout token: the logits it produces while sampling are kept and
     reused for the rewards and the single-step term (the official code re-runs the teacher 3+ times).
   * Advantages (and their whitening, lmops recipe only) are computed once per collection of rollouts,
@@ -32,9 +35,11 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from contextlib import nullcontext
+from itertools import islice, zip_longest
 from pathlib import Path
 
 import torch
@@ -123,16 +128,55 @@ def build_parser():
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--grad-clip", type=float, default=1.0)
+
+    g = p.add_argument_group("long runs: rerun the same command to resume (README: Long runs and many GPUs)")
+    g.add_argument("--save-interval", type=int, default=500,
+                   help="resumable checkpoint (weights, optimizer, RNG states, data position) every N steps, 0 = only at "
+                        "the end of a stage. Distillation saves at the first rollout-collection boundary after N steps: "
+                        "the rollout buffer (teacher logits included) is too big to save")
+    g.add_argument("--stop-after", type=int, default=0, help="exit (status 3) after K steps of the current stage, as if killed; for resume tests")
+    g.add_argument("--overwrite", action="store_true", help="--out holds a run with other arguments: delete its stages and start again")
     return p
 
 
 # --demo changes these defaults; flags given on the command line still win. "demo" = generated in OUT/demo.
 DEMO = dict(teacher="demo", student="demo", data="demo", pt_data="demo", out="out-demo", device="cpu", val_size=200,
-            max_prompt_len=64, max_len=96, max_new_tokens=16, teacher_lr=2e-3, teacher_epochs=12, student_lr=2e-3,
-            student_epochs=8, sft_batch_size=32, sft_micro_batch_size=32, min_lr=1e-4, steps=120, lr=2e-4,
+            max_prompt_len=64, max_len=96, max_new_tokens=16, teacher_lr=2e-3, teacher_epochs=8, student_lr=2e-3,
+            student_epochs=6, sft_batch_size=32, sft_micro_batch_size=32, min_lr=1e-4, steps=120, lr=2e-4,
             warmup_steps=10, batch_size=32, micro_batch_size=32, rollouts=128, gen_batch_size=128, pt_batch_size=8,
             pt_seq_len=64, log_interval=10)
-QUICK = dict(teacher_epochs=2, student_epochs=1, steps=8, rollouts=64, gen_batch_size=64, log_interval=4)
+QUICK = dict(teacher_epochs=4, student_epochs=3, steps=16, rollouts=64, gen_batch_size=64, log_interval=4)
+
+
+def die(msg):
+    """Bad input: one line on stderr and exit status 2 (as argparse), no traceback. Every input is checked
+    before the run folder is touched, so a typo never damages a run."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+POSITIVE = ["val_size", "max_prompt_len", "max_len", "max_new_tokens", "teacher_lr", "teacher_epochs", "student_lr",
+            "student_epochs", "sft_batch_size", "sft_micro_batch_size", "steps", "lr", "batch_size", "micro_batch_size",
+            "rollouts", "gen_batch_size", "ppo_epochs", "temperature", "pt_batch_size", "pt_seq_len", "reward_scale",
+            "log_interval", "grad_clip"]
+NON_NEGATIVE = ["sft_max_steps", "sft_weight_decay", "min_lr", "warmup_steps", "weight_decay", "clip_eps", "top_k",
+                "pt_coef", "reward_clip", "save_interval", "stop_after"]
+UNIT_INTERVAL = ["alpha", "kd_ratio", "seqkd_kd_ratio", "pt_kd_ratio", "gamma"]  # mixing weights and the discount
+
+
+def check_args(args):
+    """Sizes, counts and rates that make no sense stop here, not hours later (written so that NaN fails too)."""
+    for name in POSITIVE:
+        if not getattr(args, name) > 0:
+            die(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in NON_NEGATIVE:
+        if not getattr(args, name) >= 0:
+            die(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in UNIT_INTERVAL:
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            die(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if not 0.0 < args.top_p <= 1.0:
+        die(f"--top-p must be in (0, 1], got {args.top_p}")
 
 
 def parse_args(argv=None):
@@ -144,8 +188,7 @@ def parse_args(argv=None):
     for name, (paper, lmops) in RECIPES.items():  # a flag given explicitly wins over the recipe
         if getattr(args, name) is None:
             setattr(args, name, paper if args.recipe == "paper" else lmops)
-    if not 0.0 <= args.alpha <= 1.0:
-        raise SystemExit(f"error: --alpha must be in [0, 1], got {args.alpha}")
+    check_args(args)
     return args
 
 
@@ -271,13 +314,49 @@ def build_prompt(instruction, input=""):
     return PROMPT.format(instruction=instruction)
 
 
-def load_records(spec, split="train"):
-    """A local .jsonl (one object per line) or a hub dataset name -> list of dicts."""
+def load_records(spec, split="train", required=()):
+    """A local .jsonl (one object per line) or a hub dataset name -> list of dicts, each with the `required` keys.
+    Bad input stops with the file and line number."""
     if os.path.exists(spec):
+        rows = []
         with open(spec) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    die(f"{spec}:{n}: not valid JSON ({e.msg}); fix or delete that line")
+                check_record(rows[-1], required, f"{spec}:{n}")
+        return rows
+    if looks_like_a_path(spec):
+        die(f"data file {spec} not found; give an existing .jsonl file (one JSON object per line) or a hub dataset name")
     import datasets  # imported lazily: only the hub path needs it
-    return list(datasets.load_dataset(spec, split=split))
+    try:
+        rows = list(datasets.load_dataset(spec, split=split))
+    except Exception as e:  # offline, a typo, no such split: `datasets` raises many unrelated types
+        die(f"cannot load the dataset {spec!r} ({type(e).__name__}: {first_line(e)}); give a local .jsonl file, "
+            "or check the name and the network")
+    for i, rec in enumerate(rows):
+        check_record(rec, required, f"{spec} record {i}")
+    return rows
+
+
+def looks_like_a_path(spec):
+    return spec.endswith((".jsonl", ".json", ".txt")) or spec.startswith((".", "/", "~"))
+
+
+def first_line(e):
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+def check_record(rec, required, where):
+    if not isinstance(rec, dict):
+        die(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    # `prompt` (an already formatted prompt, as some test sets have) stands in for `instruction`
+    missing = [k for k in required if k not in rec and not (k == "instruction" and "prompt" in rec)]
+    if missing:
+        die(f"{where}: the record has no {missing[0]!r} field; every record needs {' and '.join(map(repr, required))}")
 
 
 def tokenize_example(tok, rec, max_prompt_len, max_len):
@@ -300,6 +379,9 @@ def tokenize_dataset(tok, records, max_prompt_len, max_len, name="data"):
     out = [tokenize_example(tok, r, max_prompt_len, max_len) for r in records]
     kept = [x for x in out if x is not None]
     print(f"{name}: {len(kept)} examples, {len(out) - len(kept)} dropped (prompt > {max_prompt_len} tokens)")
+    if not kept:
+        die(f"{name}: no examples left: all {len(out)} prompts are longer than --max-prompt-len {max_prompt_len} tokens; "
+            "raise --max-prompt-len or check the data")
     return kept
 
 
@@ -351,7 +433,7 @@ def pt_chunks(spec, tok, seq_len, seed=0):
                 yield torch.tensor(buf[:seq_len])
                 buf = buf[seq_len:]
         if n_docs == 0:
-            raise SystemExit(f"error: pre-training corpus {spec} is empty")
+            die(f"pre-training corpus {spec} is empty; give a non-empty --pt-data, or --pt-data none")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -363,21 +445,41 @@ def resolve_dtype(args):
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
 
 
+def cannot_load(name, e):
+    die(f"cannot load {name!r} ({first_line(e)}); give a local folder with config.json, or check the name and the "
+        "network (HF_HUB_OFFLINE=1 uses the local cache only)")
+
+
 def load_tokenizer(name, trust_remote_code=False):
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:  # not on disk, not on the hub, offline, needs remote code
+        cannot_load(name, e)
     if tok.eos_token_id is None:
-        raise SystemExit(f"error: the tokenizer of {name} has no EOS token; MiniLLM needs one to end responses")
+        die(f"the tokenizer of {name} has no EOS token; MiniLLM needs one to end responses (set eos_token in its tokenizer_config.json)")
     if tok.pad_token_id is None:  # padding is always masked by attention_mask, never by comparing ids
         tok.pad_token = tok.eos_token
     return tok
 
 
+def load_config(name, trust_remote_code=False):
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        cannot_load(name, e)
+
+
 def load_model(name, device, dtype=torch.float32, trust_remote_code=False):
     """Weights in `dtype`. Trained models stay fp32 (master weights) and run under bf16 autocast:
-    pure-bf16 weights would lose AdamW updates at lr 5e-6."""
+    pure-bf16 weights would lose AdamW updates at lr 5e-6. We save safetensors; transformers reads an older
+    pytorch_model.bin with torch.load(weights_only=True), so no checkpoint can run code either way."""
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        cannot_load(name, e)
     return model.to(device)
 
 
@@ -387,13 +489,24 @@ def autocast(device, dtype):
     return nullcontext()
 
 
-def check_same_vocab(tok_t, tok_s, teacher, student):
-    """MiniLLM compares p and q_θ token by token: both must index the same vocabulary."""
-    vt, vs = teacher.get_output_embeddings().weight.shape[0], student.get_output_embeddings().weight.shape[0]
+def check_same_vocab(tok_t, tok_s, vt, vs):
+    """MiniLLM compares p and q_θ token by token: both must index the same vocabulary.
+    vt, vs: the number of logits of teacher and student; the tokens are compared on a sample of ~100 ids."""
     same_ids = all(tok_t.convert_ids_to_tokens(i) == tok_s.convert_ids_to_tokens(i) for i in range(0, len(tok_s), max(1, len(tok_s) // 97)))
     if vt != vs or len(tok_t) != len(tok_s) or not same_ids:
-        raise SystemExit(f"error: teacher and student vocabularies differ ({vt} vs {vs} logits, {len(tok_t)} vs {len(tok_s)} tokens); "
-                         "MiniLLM needs a shared tokenizer")
+        die(f"teacher and student vocabularies differ ({vt} vs {vs} logits, {len(tok_t)} vs {len(tok_s)} tokens"
+            f"{'' if same_ids else ', different tokens at the same ids'}); MiniLLM needs a shared tokenizer: pick a teacher "
+            "and a student of the same family")
+
+
+def check_teacher_vocab(teacher, tok, args):
+    """Before any training: configs and tokenizer only, no weights are loaded."""
+    vt, vs = (load_config(n, args.trust_remote_code).get_text_config().vocab_size for n in (teacher, args.student))
+    check_same_vocab(load_tokenizer(teacher, args.trust_remote_code), tok, vt, vs)
+
+
+def n_logits(model):
+    return model.get_output_embeddings().weight.shape[0]
 
 
 def position_ids_from(attention_mask):
@@ -401,13 +514,15 @@ def position_ids_from(attention_mask):
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def forward(model, input_ids, attention_mask, cache=None):
+def forward(model, input_ids, attention_mask, cache=None, logits_to_keep=0):
     """One causal-LM forward with explicit position ids (left padding) and an optional KV cache.
-    transformers renamed `past_key_values` to `cache` in 5.2x; we pass whichever the model takes."""
-    kw = {}
+    transformers renamed `past_key_values` to `cache` in 5.2x; we pass whichever the model takes.
+    logits_to_keep = k > 0: logits of the last k positions only, (B, k, V); the LM head is skipped elsewhere
+    (with V = 50k it costs more than a small model's blocks, and its (B, L, V) output is the largest tensor)."""
+    kw = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
     if cache is not None:
         name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        kw = {name: cache, "use_cache": True}
+        kw.update({name: cache, "use_cache": True})
     pos = position_ids_from(attention_mask)[:, -input_ids.shape[1]:]
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, **kw).logits
 
@@ -443,26 +558,36 @@ def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_id, pad_id, m
     assert not student.training and not teacher.training, "sampling runs both models in eval mode (no dropout)"
     B, device = prompt_ids.shape[0], prompt_ids.device
     cache_s, cache_t = DynamicCache(), DynamicCache()
-    with autocast(device, dtype):
-        zs = forward(student, prompt_ids, prompt_mask, cache_s)[:, -1].float()  # (B, V)
-    zt = forward(teacher, prompt_ids, prompt_mask, cache_t)[:, -1].float()
+    with autocast(device, dtype):  # the prompt's last position only: the LM head over the prompt is wasted work
+        zs = forward(student, prompt_ids, prompt_mask, cache_s, logits_to_keep=1)[:, -1].float()  # (B, V)
+    zt = forward(teacher, prompt_ids, prompt_mask, cache_t, logits_to_keep=1)[:, -1].float()
     attn = prompt_mask
     done = torch.zeros(B, dtype=torch.bool, device=device)
     rec = {k: [] for k in ["tokens", "mask", "logp_student", "logp_teacher", "logp_mix", "kl", "teacher_logits"]}
+    plain = temperature == 1.0 and top_k == 0 and top_p == 1.0  # then p~ is exactly the mixture of q and p
     for t in range(max_new_tokens):
+        # Every (B, V) op below runs once per token for the whole batch: on small models they cost as much
+        # as the forwards, so each distribution is computed once and reused.
         logq, logp = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)  # (B, V) at τ = 1
-        q_tau, p_tau = torch.softmax(zs / temperature, -1), torch.softmax(zt / temperature, -1)
-        mix = filter_probs(alpha * p_tau + (1 - alpha) * q_tau, top_k, top_p)
-        y = torch.multinomial(mix, 1, generator=generator).squeeze(-1)  # (B,)
+        q = logq.exp()  # q_θ, for the KL and (at τ = 1) for sampling
+        if plain:  # p~ = (1-α)·q + α·p in one pass; already normalised, nothing to filter
+            mix = torch.lerp(q, logp.exp(), alpha)
+        else:
+            q_tau, p_tau = torch.softmax(zs / temperature, -1), torch.softmax(zt / temperature, -1)
+            mix = filter_probs(alpha * p_tau + (1 - alpha) * q_tau, top_k, top_p)
+        # Inverse-CDF draw from p~: one uniform per row, exact (float64 CDF, no rounding bias). torch.multinomial
+        # draws V exponentials per row instead: ~10 ms per token at (8, 50257) on one CPU core.
+        cdf = mix.cumsum(-1, dtype=torch.float64)  # (B, V)
+        u = torch.rand(B, 1, dtype=torch.float64, device=device, generator=generator) * cdf[:, -1:]
+        y = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=mix.shape[-1] - 1)  # (B,) first v: cdf_v > u
         live = ~done
         rec["tokens"].append(torch.where(live, y, torch.full_like(y, pad_id)))
         rec["mask"].append(live.float())
         lq_y, lp_y = logq.gather(-1, y[:, None]).squeeze(-1), logp.gather(-1, y[:, None]).squeeze(-1)
-        plain = temperature == 1.0 and top_k == 0 and top_p == 1.0  # then p~ is exactly the mixture of q and p
         rec["logp_student"].append(lq_y)
         rec["logp_teacher"].append(lp_y)
         rec["logp_mix"].append(mixture_logprobs(lq_y, lp_y, alpha) if plain else mix.gather(-1, y[:, None]).squeeze(-1).log())
-        rec["kl"].append((logq.exp() * (logq - logp)).sum(-1))
+        rec["kl"].append((q * (logq - logp)).sum(-1))
         if keep_teacher_logits:
             rec["teacher_logits"].append(zt.to(dtype=dtype, device=logits_device or device))
         done = done | (y == eos_id)
@@ -516,12 +641,12 @@ def trim(mb):
 
 def student_response_logits(student, mb, dtype):
     """Logits of the student at the response positions, (B, N, V): positions P-1 .. P+N-2 predict y_1..y_N."""
-    P = mb["prompt_ids"].shape[1]
     ids = torch.cat([mb["prompt_ids"], mb["tokens"]], dim=1)
     attn = torch.cat([mb["prompt_mask"], mb["mask"].long()], dim=1)
-    with autocast(ids.device, dtype):
-        logits = forward(student, ids, attn)
-    return logits[:, P - 1:-1]
+    N = mb["tokens"].shape[1]
+    with autocast(ids.device, dtype):  # the LM head on the last N+1 positions only, not on the prompt
+        logits = forward(student, ids, attn, logits_to_keep=N + 1)  # (B, N+1, V): positions P-1 .. P+N-1
+    return logits[:, :-1]
 
 
 def minillm_loss(student, mb, args, n_norm, dtype=torch.float32):
@@ -567,14 +692,23 @@ def pt_loss(student, teacher, chunk, kd_ratio, dtype):
 # Logging helpers.
 
 class Logger:
-    """One JSON object per line in log.jsonl, every metric."""
+    """One JSON object per line in log.jsonl, every metric; rank 0 alone writes. `keep`: the lines of an
+    earlier run kept on resume (those written up to the checkpoint); a fresh start keeps none."""
 
-    def __init__(self, path):
-        self.f = open(path, "a")
+    def __init__(self, path, keep=0):
+        self.f, self.lines = None, keep
+        if not is_main():
+            return
+        old = Path(path).read_text().splitlines(keepends=True)[:keep] if keep and Path(path).exists() else []
+        self.f, self.lines = open(path, "w"), len(old)
+        self.f.writelines(old)
 
     def log(self, **kv):
+        if self.f is None:
+            return
         self.f.write(json.dumps(kv) + "\n")
         self.f.flush()
+        self.lines += 1
 
 
 def plot_curve(log_path, key, png_path, title):
@@ -605,21 +739,249 @@ def plot_curve(log_path, key, png_path, title):
 
 
 def save_checkpoint(model, tok, path):
-    model.save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
+    """A stage's model as a Hugging Face folder (rank 0). Written to path/.saving first, then moved in file
+    by file with os.replace (atomic), so a kill mid-save never leaves a half-written model.safetensors."""
+    if not is_main():
+        return
+    tmp = Path(path) / ".saving"
+    shutil.rmtree(tmp, ignore_errors=True)
+    unwrap(model).save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    for f in tmp.iterdir():
+        os.replace(f, Path(path) / f.name)
+    tmp.rmdir()
 
 
 def mark_done(path, **info):
-    (Path(path) / "done.json").write_text(json.dumps(info, indent=1))
+    """The stage is finished: later runs skip it, and its resume checkpoint is no longer needed."""
+    if not is_main():
+        return
+    write_atomic(Path(path) / "done.json", json.dumps(info, indent=1))
+    for suffix in ("", ".old", ".tmp"):  # optimizer moments: twice the model's size, useless from now on
+        shutil.rmtree(Path(path) / ("ckpt" + suffix), ignore_errors=True)
 
 
 def is_done(path):
     return (Path(path) / "done.json").exists()
 
 
+def write_atomic(path, text):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def set_seed(seed):
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resumable checkpoints. OUT/stage/ckpt/ holds what a rerun needs to continue as if never stopped:
+#   model.safetensors + config.json   the weights being trained (the stage's best model lives in OUT/stage/)
+#   optimizer.pt                      AdamW moments (read back with torch.load(weights_only=True): no code runs)
+#   state.pt                          step, data position, best val loss, log lines, every rank's RNG states
+# The learning-rate schedule is a function of the step, so the step is all it needs.
+
+def save_train_state(path, model, opt, rng, **state):
+    """Write ckpt.tmp/, then swap it in with two renames. Until the new checkpoint is complete the previous
+    one stays, as ckpt/ or (killed between the renames) ckpt.old/; find_checkpoint looks at both."""
+    rngs = all_gather_objects(rng)  # every rank's RNG states; rank 0 writes them all
+    if is_main():
+        path = Path(path)
+        tmp, old = Path(str(path) + ".tmp"), Path(str(path) + ".old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrap(model).save_pretrained(tmp, safe_serialization=True)
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        torch.save(dict(state, rng=rngs), tmp / "state.pt")  # written last: a folder with state.pt is complete
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)  # path is complete, so an older ckpt.old is not needed
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def find_checkpoint(path):
+    """The newest complete resume checkpoint under `path` (OUT/stage/ckpt), or None."""
+    for p in (Path(path), Path(str(path) + ".old")):
+        if (p / "state.pt").exists():
+            return p
+    return None
+
+
+def load_train_state(path, opt, device):
+    """Optimizer moments into `opt`; returns the state dict, with this rank's RNG states already restored."""
+    state = torch.load(Path(path) / "state.pt", weights_only=True)
+    opt.load_state_dict(torch.load(Path(path) / "optimizer.pt", map_location=device, weights_only=True))
+    if len(state["rng"]) != world():
+        die(f"the checkpoint {path} was written by {len(state['rng'])} processes and this run has {world()}; resume with "
+            f"as many (torchrun --nproc_per_node={len(state['rng'])}), or delete {path} to restart the stage")
+    state["rng"] = state["rng"][rank()]
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if "cuda" in state["rng"]:
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    return state
+
+
+def rng_state(**own):
+    """This rank's random states: torch (CPU, CUDA), Python's, and the loop's own generators (`own`)."""
+    s = dict(own, torch=torch.get_rng_state(), python=random.getstate())
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        s["cuda"] = torch.cuda.get_rng_state()
+    return s
+
+
+def checkpoint_step(path):
+    return torch.load(Path(path) / "state.pt", weights_only=True)["step"]
+
+
+def check_finite(stage, step, ckpt_dir, **values):
+    """A NaN/inf loss or gradient norm stops the run before the optimizer step, so the last checkpoint
+    is the last good one. The values are global (all-reduced), so every rank stops together."""
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        ckpt = find_checkpoint(ckpt_dir)
+        kept = f"the last good checkpoint is {ckpt} (step {checkpoint_step(ckpt)})" if ckpt else "no checkpoint was written yet"
+        die(f"{stage}: non-finite {' and '.join(bad)} at step {step}, stopped before the update; {kept}. "
+            "Lower the learning rate or check the data")
+
+
+def maybe_stop(args, stage, steps_done, step):
+    """--stop-after K: exit after K steps of this process in the stage, as if killed (nothing more is saved)."""
+    if args.stop_after and steps_done >= args.stop_after:
+        print(f"{stage}: stopping at step {step} (--stop-after {args.stop_after}); rerun without it to resume", flush=True)
+        sys.exit(3)
+
+
+# Flags that change neither the method nor its numbers beyond float rounding (memory, logging, device):
+# a run folder accepts a rerun that changes them, e.g. a smaller micro-batch after an out-of-memory crash.
+HARMLESS = {"log_interval", "save_interval", "stop_after", "overwrite", "method", "device", "micro_batch_size",
+            "sft_micro_batch_size", "gen_batch_size", "teacher_logits_offload"}
+STAGES = ["teacher-sft", "student-sft", "minillm", "sft", "kd", "seqkd"]
+
+
+def prepare_out(out, args):
+    """Refuse a run folder that holds a run with other arguments: its stages would be skipped or resumed
+    under settings they were not trained with. With --overwrite, its stages are deleted instead."""
+    now = json.loads(json.dumps(vars(args)))
+    old = json.loads((out / "args.json").read_text()) if (out / "args.json").exists() else {}
+    diff = [k for k in now if k in old and k not in HARMLESS and now[k] != old[k]]
+    if diff and not args.overwrite:
+        changes = ", ".join(f"--{k.replace('_', '-')} {old[k]} -> {now[k]}" for k in diff[:4])
+        die(f"{out} holds a run with other arguments ({changes}); rerun with the same arguments to resume, "
+            "use another --out, or add --overwrite to delete that run")
+    if diff and is_main():
+        print(f"--overwrite: deleting the stages of the earlier run in {out}")
+        for name in STAGES:
+            p = out / name
+            if p.is_symlink():
+                p.unlink()
+            elif p.exists():
+                shutil.rmtree(p)
+    barrier()
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "args.json", json.dumps(vars(args), indent=1))
+    barrier()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Several processes: `torchrun --nproc_per_node=K minillm.py ...` runs every stage data-parallel (DDP).
+# Every rank holds the whole student and the whole teacher; a global batch is drawn identically on every
+# rank and each rank trains on its share; gradients are all-reduced by DDP. Without torchrun these helpers
+# do nothing, and the single-process code path is exactly the one above.
+
+def dist_on():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank():
+    return torch.distributed.get_rank() if dist_on() else 0
+
+
+def world():
+    return torch.distributed.get_world_size() if dist_on() else 1
+
+
+def is_main():
+    return rank() == 0
+
+
+def barrier():
+    if dist_on():
+        torch.distributed.barrier()
+
+
+def init_distributed(args):
+    """torchrun starts one process per device and sets RANK, LOCAL_RANK and WORLD_SIZE: join the group."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(args.device)
+    torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    if not is_main():
+        sys.stdout = open(os.devnull, "w")  # rank 0 alone prints; errors (stderr) still show on every rank
+
+
+def comm_device():
+    return torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_sum(x):
+    """Σ over ranks of a number (or 0-dim tensor), as a float; one process: x itself."""
+    if not dist_on():
+        return x.item() if torch.is_tensor(x) else x
+    t = torch.tensor(float(x), dtype=torch.float64, device=comm_device())
+    torch.distributed.all_reduce(t)
+    return t.item()
+
+
+def all_max(x):
+    if not dist_on():
+        return x.item() if torch.is_tensor(x) else x
+    t = torch.tensor(float(x), dtype=torch.float64, device=comm_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.item()
+
+
+def all_gather_objects(obj):
+    """[rank 0's obj, rank 1's obj, ...]; one process: [obj]."""
+    if not dist_on():
+        return [obj]
+    out = [None] * world()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def wrap_ddp(model, device):
+    """DDP all-reduces (averages) gradients during backward. Buffers are constants here: no broadcast."""
+    if not dist_on():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None,
+                                   broadcast_buffers=False)
+
+
+def unwrap(model):
+    return getattr(model, "module", model)
+
+
+def grad_sync(model, last):
+    """Accumulate micro-batch gradients locally and all-reduce once, on the step's last backward."""
+    return model.no_sync() if hasattr(model, "no_sync") and not last else nullcontext()
+
+
+def whiten_global(x, mask, eps=1e-8):
+    """whiten() with the mean and variance over every rank's rollouts (lmops recipe)."""
+    if not dist_on():
+        return whiten(x, mask, eps)
+    n = all_sum(mask.sum())
+    mean = all_sum((x * mask).sum()) / n
+    var = all_sum(((x - mean) ** 2 * mask).sum()) / n
+    return (x - mean) * (var + eps) ** -0.5 * mask
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -648,31 +1010,57 @@ def sft_loss(model, ids, attn, labels, dtype, teacher=None, kd_ratio=0.0):
 
 @torch.no_grad()
 def eval_loss(model, data, pad_id, batch_size, dtype, device):
+    """Token-mean validation loss; each rank evaluates its share and the sums are all-reduced."""
     model.eval()
     total, n = 0.0, 0.0
+    data = data[rank()::world()]
     for i in range(0, len(data), batch_size):
         ids, attn, labels = (x.to(device) for x in collate_sft(data[i:i + batch_size], pad_id))
         s, c = sft_loss(model, ids, attn, labels, dtype)
         total, n = total + s.item(), n + c.item()
     model.train()
-    return total / max(n, 1)
+    return all_sum(total) / max(all_sum(n), 1)
 
 
-def sft(model, tok, train, val, out_dir, args, lr, epochs, dtype, teacher=None, kd_ratio=0.0):
-    """Fine-tune `model` on (prompt, response) pairs; save the epoch with the lowest validation loss."""
-    device = args.device
+def sft_backward(model, batch, n_tokens, pad_id, args, dtype, teacher=None, kd_ratio=0.0):
+    """Gradient of the global batch's token-mean loss; this rank does its share, in micro-batches.
+    Returns the batch's loss (all ranks)."""
+    mine = batch[rank()::world()]
+    micro = [mine[i:i + args.sft_micro_batch_size] for i in range(0, len(mine), args.sft_micro_batch_size)]
+    total = 0.0
+    for j, examples in enumerate(micro or [batch[:1]]):  # an empty share still joins DDP's all-reduce, with weight 0
+        ids, attn, labels = (x.to(args.device) for x in collate_sft(examples, pad_id))
+        with grad_sync(model, last=j == max(len(micro), 1) - 1):
+            loss_sum, _ = sft_loss(model, ids, attn, labels, dtype, teacher, kd_ratio)
+            # a SUM over tokens / the global batch's token count; × world because DDP averages the ranks
+            (loss_sum / n_tokens * (world() if micro else 0)).backward()
+        total += loss_sum.item() if micro else 0.0
+    return all_sum(total) / n_tokens
+
+
+def sft(model, tok, train, val, out_dir, args, lr, epochs, dtype, teacher=None, kd_ratio=0.0, resume=None):
+    """Fine-tune `model` on (prompt, response) pairs; save the epoch with the lowest validation loss.
+    resume: a checkpoint folder (find_checkpoint) to continue from; `model` was loaded from it."""
+    device, name, ckpt_dir = args.device, Path(out_dir).name, Path(out_dir) / "ckpt"
     os.makedirs(out_dir, exist_ok=True)
-    logger = Logger(Path(out_dir) / "log.jsonl")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.sft_weight_decay)
     steps_per_epoch = math.ceil(len(train) / args.sft_batch_size)
     total = epochs * steps_per_epoch if not args.sft_max_steps else min(args.sft_max_steps, epochs * steps_per_epoch)
-    g = torch.Generator().manual_seed(args.seed)
-    best, step = float("inf"), 0
+    g = torch.Generator().manual_seed(args.seed)  # the data order, the same on every rank
+    best, step, first_epoch, first_batch, log_lines = float("inf"), 0, 0, 0, 0
+    if resume:
+        state = load_train_state(resume, opt, device)
+        best, step, first_epoch, first_batch, log_lines = (state[k] for k in ["best", "step", "epoch", "batch", "log_lines"])
+        g.set_state(state["rng"]["data_order"])  # as at the start of that epoch: its order is drawn again
+        print(f"{name}: resuming from step {step} (epoch {first_epoch}, batch {first_batch}) of {resume}")
+    start, logger = step, Logger(Path(out_dir) / "log.jsonl", keep=log_lines)
+    ddp = wrap_ddp(model, device)
     model.train()  # dropout on during SFT, as the official code
-    bar = __import__("tqdm").tqdm(total=total, desc=f"sft {Path(out_dir).name}", dynamic_ncols=True)
-    for epoch in range(epochs):
+    bar = __import__("tqdm").tqdm(total=total, initial=step, desc=f"sft {name}", dynamic_ncols=True, disable=not is_main())
+    for epoch in range(first_epoch, epochs):
+        epoch_rng = g.get_state()  # a checkpoint inside this epoch draws its order again from here
         order = torch.randperm(len(train), generator=g).tolist()
-        for b in range(steps_per_epoch):
+        for b in range(first_batch if epoch == first_epoch else 0, steps_per_epoch):
             if step >= total:
                 break
             batch = [train[i] for i in order[b * args.sft_batch_size:(b + 1) * args.sft_batch_size]]
@@ -680,20 +1068,22 @@ def sft(model, tok, train, val, out_dir, args, lr, epochs, dtype, teacher=None, 
             for g_lr in opt.param_groups:
                 g_lr["lr"] = cosine_lr(step, total, lr, args.min_lr)
             t0 = time.time()
-            for i in range(0, len(batch), args.sft_micro_batch_size):
-                ids, attn, labels = (x.to(device) for x in collate_sft(batch[i:i + args.sft_micro_batch_size], tok.pad_token_id))
-                loss_sum, _ = sft_loss(model, ids, attn, labels, dtype, teacher, kd_ratio)
-                (loss_sum / n_tokens).backward()  # token mean over the whole batch, whatever the micro-batch
+            loss = sft_backward(ddp, batch, n_tokens, tok.pad_token_id, args, dtype, teacher, kd_ratio)
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            check_finite(name, step + 1, ckpt_dir, loss=loss, grad_norm=gnorm.item())
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            logger.log(step=step, epoch=epoch, loss=loss_sum.item() / n_tokens, lr=opt.param_groups[0]["lr"],
-                       grad_norm=gnorm.item(), ms=1000 * (time.time() - t0))
+            logger.log(step=step, epoch=epoch, loss=loss, lr=opt.param_groups[0]["lr"], grad_norm=gnorm.item(),
+                       ms=1000 * (time.time() - t0))
             bar.update(1)
+            if args.save_interval and step % args.save_interval == 0:
+                save_train_state(ckpt_dir, model, opt, rng_state(data_order=epoch_rng), step=step, epoch=epoch,
+                                 batch=b + 1, best=best, log_lines=logger.lines)
+            maybe_stop(args, name, step - start, step)
         val_loss = eval_loss(model, val, tok.pad_token_id, args.sft_micro_batch_size, dtype, device)
         logger.log(step=step, epoch=epoch, val_loss=val_loss)
-        bar.write(f"{Path(out_dir).name} epoch {epoch} | step {step} | val loss {val_loss:.4f}" + (" (best, saved)" if val_loss < best else ""))
+        bar.write(f"{name} epoch {epoch} | step {step} | val loss {val_loss:.4f}" + (" (best, saved)" if val_loss < best else ""))
         if val_loss < best:
             best = val_loss
             save_checkpoint(model, tok, out_dir)
@@ -701,6 +1091,7 @@ def sft(model, tok, train, val, out_dir, args, lr, epochs, dtype, teacher=None, 
             break
     bar.close()
     mark_done(out_dir, best_val_loss=best, steps=step)
+    barrier()  # the other ranks wait for rank 0's files
     return best
 
 
@@ -725,75 +1116,115 @@ def collect_rollouts(student, teacher, prompts, args, eos_id, pad_id, dtype, gen
     # Without the single-step term, r_t must be sampled inside the return again (paper's ablation).
     include_current = args.include_current or not args.single_step
     adv = long_term_returns(r, mask, args.gamma, include_current, args.length_norm)
-    buf["adv"] = whiten(adv, mask) if args.whiten else adv
+    buf["adv"] = whiten_global(adv, mask) if args.whiten else adv  # statistics over every rank's rollouts
     buf["rewards"] = r
     return buf
 
 
-def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None):
-    """The MiniLLM loop. One optimizer step = one minibatch of --batch-size rollouts (+ a PT batch)."""
-    device = args.device
+def rollout_stats(buf, seconds):
+    """Per-token means of a collection over every rank's rollouts (for the log only)."""
+    n, rows = all_sum(buf["mask"].sum()), all_sum(buf["mask"].shape[0])
+    return {"rkl": all_sum(buf["kl"].sum()) / n, "w_mean": all_sum(buf["w"].sum()) / n, "w_max": all_max(buf["w"].max()),
+            "len": n / rows, "reward": all_sum(buf["rewards"].sum()) / n, "sample_tok_s": n / seconds}
+
+
+def minillm_backward(model, mb, args, dtype, sync=True):
+    """Gradient of L_long + L_single on this rank's share of a minibatch, in micro-batches: a SUM over the
+    whole (global) minibatch divided by its GLOBAL token or sequence count, whatever the micro-batch and the
+    number of ranks. sync=False: a later backward (L_PT) does the all-reduce. Returns the global losses."""
+    n_norm = all_sum(normaliser(mb["mask"], args.normalize)) / world()  # ÷ world: DDP averages the ranks' gradients
+    stats = {"loss_long": 0.0, "loss_single": 0.0, "clipped": 0.0}
+    starts = range(0, mb["mask"].shape[0], args.micro_batch_size)
+    for i in starts:
+        micro = {k: v[i:i + args.micro_batch_size] for k, v in mb.items()}
+        with grad_sync(model, last=sync and i == starts[-1]):
+            loss, s = minillm_loss(model, micro, args, n_norm, dtype)
+            loss.backward()
+        for k, v in s.items():
+            stats[k] += v
+    clipped = stats.pop("clipped")
+    stats = {k: all_sum(v) / world() for k, v in stats.items()}  # each rank holds world·(its sum)/(global count)
+    stats["clip_frac"] = all_sum(clipped) / all_sum(mb["mask"].sum())
+    return stats
+
+
+def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None, resume=None):
+    """The MiniLLM loop. One optimizer step = one minibatch of --batch-size rollouts (+ a PT batch); under
+    DDP each rank samples and trains on its share of both. resume: a checkpoint folder (find_checkpoint);
+    `student` was loaded from it. Checkpoints fall on collection boundaries: the rollout buffer is not saved."""
+    device, ckpt_dir = args.device, Path(out_dir) / "ckpt"
     os.makedirs(out_dir, exist_ok=True)
     log_path = Path(out_dir) / "log.jsonl"
-    logger = Logger(log_path)
     assert not any(p.requires_grad for p in teacher.parameters()), "the teacher is frozen"
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    order_rng = random.Random(args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed + rank())  # each rank samples its own rollouts
+    order_rng = random.Random(args.seed)  # the prompts and the minibatch order: the same on every rank
+    start, pt_used, log_lines = 0, 0, 0
+    if resume:
+        state = load_train_state(resume, opt, device)
+        start, pt_used, log_lines = state["step"], state["pt_used"], state["log_lines"]
+        gen.set_state(state["rng"]["gen"])
+        order_rng.setstate(state["rng"]["order"])
+        for _ in range(pt_used):  # a stream cannot seek: skip the chunks already trained on
+            next(pt_stream)
+        print(f"minillm: resuming from step {start} of {resume}")
+    logger = Logger(log_path, keep=log_lines)
+    model = wrap_ddp(student, device)  # the losses run through DDP; sampling uses the bare student
     queue = []  # minibatch index lists still to train on for the current collection
-    buf, step = None, 0
-    for step in range(1, args.steps + 1):
+    buf, step, saved = None, start, start
+    for step in range(start + 1, args.steps + 1):
         t0 = time.time()
         # ---- collect: --rollouts samples from p~, reused for --ppo-epochs epochs ----
         if not queue:
             t_s = time.time()
-            batch_prompts = [prompts[i] for i in order_rng.sample(range(len(prompts)), min(args.rollouts, len(prompts)))]
-            buf = collect_rollouts(student, teacher, batch_prompts, args, tok.eos_token_id, tok.pad_token_id, dtype, gen)
-            sample_s = time.time() - t_s
-            n = buf["tokens"].shape[0]
+            n = min(args.rollouts, len(prompts)) // world() * world()  # an equal share for every rank
+            batch_prompts = [prompts[i] for i in order_rng.sample(range(len(prompts)), n)]
+            buf = collect_rollouts(student, teacher, batch_prompts[rank()::world()], args, tok.eos_token_id,
+                                   tok.pad_token_id, dtype, gen)
+            roll_stats = rollout_stats(buf, time.time() - t_s)
+            n, b = buf["tokens"].shape[0], args.batch_size // world()
             for _ in range(args.ppo_epochs):
                 perm = order_rng.sample(range(n), n)
-                queue += [perm[i:i + args.batch_size] for i in range(0, n, args.batch_size)]
-            roll_stats = {"rkl": (buf["kl"].sum() / buf["mask"].sum()).item(),
-                          "w_mean": (buf["w"].sum() / buf["mask"].sum()).item(), "w_max": buf["w"].max().item(),
-                          "len": buf["mask"].sum(1).mean().item(), "reward": (buf["rewards"].sum() / buf["mask"].sum()).item(),
-                          "sample_tok_s": buf["mask"].sum().item() / sample_s}
+                queue += [perm[i:i + b] for i in range(0, n, b)]
         # ---- one optimizer step on a minibatch ----
         student.eval()  # no dropout during distillation, as the official code
         idx = torch.tensor(queue.pop(0))
         mb = {k: v[idx.to(v.device)] for k, v in buf.items()}
-        n_norm = normaliser(mb["mask"], args.normalize)
-        stats = {"loss_long": 0.0, "loss_single": 0.0, "clipped": 0.0}
-        for i in range(0, len(idx), args.micro_batch_size):
-            micro = {k: v[i:i + args.micro_batch_size] for k, v in mb.items()}
-            loss, s = minillm_loss(student, micro, args, n_norm, dtype)
-            loss.backward()
-            for k, v in s.items():
-                stats[k] += v
-        stats["clip_frac"] = stats.pop("clipped") / mb["mask"].sum().item()
-        if pt_stream is not None and args.pt_coef > 0:
-            chunk = torch.stack([next(pt_stream) for _ in range(args.pt_batch_size)]).to(device)
-            lpt = pt_loss(student, teacher, chunk, args.pt_kd_ratio, dtype)
-            (args.pt_coef * lpt).backward()
-            stats["loss_pt"] = lpt.item()
+        use_pt = pt_stream is not None and args.pt_coef > 0
+        stats = minillm_backward(model, mb, args, dtype, sync=not use_pt)  # L_long + L_single
+        if use_pt:
+            chunk = torch.stack([next(pt_stream) for _ in range(args.pt_batch_size // world())]).to(device)
+            pt_used += chunk.shape[0]
+            with grad_sync(model, last=True):
+                lpt = pt_loss(model, teacher, chunk, args.pt_kd_ratio, dtype)  # a token mean: DDP's average is right
+                (args.pt_coef * lpt).backward()
+            stats["loss_pt"] = all_sum(lpt.item()) / world()
         lr = args.lr * min(1.0, step / max(1, args.warmup_steps))  # linear warmup, then constant
         for g in opt.param_groups:
             g["lr"] = lr
         gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
+        check_finite("minillm", step, ckpt_dir, **stats, grad_norm=gnorm.item())
         opt.step()
         opt.zero_grad(set_to_none=True)
         ms = 1000 * (time.time() - t0)
         row = dict(step=step, **roll_stats, **stats, lr=lr, grad_norm=gnorm.item(), ms=ms,
-                   tok_s=mb["mask"].sum().item() / (ms / 1000))
+                   tok_s=all_sum(mb["mask"].sum()) / (ms / 1000))
         logger.log(**row)
         if step % args.log_interval == 0 or step == args.steps:
             print(f"step {step:5d}/{args.steps} | rkl {row['rkl']:.4f} | w {row['w_mean']:.3f}/{row['w_max']:.2f} "
                   f"| clip {row['clip_frac']:.3f} | len {row['len']:.1f} | long {row['loss_long']:+.4f} "
                   f"| single {row['loss_single']:.4f} | pt {row.get('loss_pt', 0.0):.4f} | lr {lr:.2e} "
                   f"| {ms:.0f} ms | {row['tok_s']:.0f} tok/s | sample {row['sample_tok_s']:.0f} tok/s", flush=True)
+        if not queue and args.save_interval and step - saved >= args.save_interval:  # a collection boundary
+            save_train_state(ckpt_dir, student, opt, rng_state(gen=gen.get_state(), order=order_rng.getstate()),
+                             step=step, pt_used=pt_used, log_lines=logger.lines)
+            saved = step
+        maybe_stop(args, "minillm", step - start, step)
     save_checkpoint(student, tok, out_dir)
-    plot_curve(log_path, "rkl", Path(out_dir) / "reverse_kl.png", "MiniLLM: reverse KL(q_θ||p) per token on the rollouts")
+    if is_main():
+        plot_curve(log_path, "rkl", Path(out_dir) / "reverse_kl.png", "MiniLLM: reverse KL(q_θ||p) per token on the rollouts")
     mark_done(out_dir, steps=step)
+    barrier()  # the other ranks wait for rank 0's files
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -828,13 +1259,13 @@ def seqkd_data(teacher_path, tok, train_rec, path, args, dtype):
         if ex is not None:
             prompts.append(ex[0])
             kept.append(r)
-    texts = teacher_responses(teacher, tok, prompts, args, dtype)
+    mine = teacher_responses(teacher, tok, prompts[rank()::world()], args, dtype)  # each rank answers its share
+    texts = [t for group in zip_longest(*all_gather_objects(mine)) for t in group if t is not None]  # prompt order
     rows = [{"instruction": r["instruction"], "input": r.get("input", ""), "output": t} for r, t in zip(kept, texts)]
-    os.makedirs(Path(path).parent, exist_ok=True)
-    tmp = str(path) + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, path)  # written whole or not at all
+    if is_main():
+        os.makedirs(Path(path).parent, exist_ok=True)
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))  # written whole or not at all
+    barrier()
     return rows
 
 
@@ -893,16 +1324,17 @@ def prepare_demo(args):
     from transformers import GPT2Config, GPT2LMHeadModel
     root = Path(args.out) / "demo"
     rng = random.Random(args.seed)
-    sets = {"val": 200, "train": 3000, "test": 300}
+    sets = {"val": 200, "train": 600 if args.quick else 2000, "test": 300}
     recs = {k: [demo_example(rng) for _ in range(n)] for k, n in sets.items()}
     root.mkdir(parents=True, exist_ok=True)
     write = lambda path, rows: Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))  # noqa: E731
     write(root / "data.jsonl", recs["val"] + recs["train"])  # the first --val-size records are validation
     write(root / "test.jsonl", [dict(r, output=r["refs"]) for r in recs["test"]])  # every correct answer is a reference
-    pt_text = "\n\n".join(f"{r['instruction']} {r['input']} {r['output']}." for r in recs["train"])
-    (root / "pt.txt").write_text(pt_text)  # the "pre-training corpus": plain text of the same world
-    texts = [build_prompt(r["instruction"], r["input"]) + r["output"] for rs in recs.values() for r in rs]
-    tok = demo_tokenizer(texts + [PROMPT])
+    # The demo's "pre-training corpus": the students learned language from scratch on formatted prompt + answer
+    # texts, so those play the part OpenWebText plays for GPT-2 (text like what the student was trained on).
+    text = lambda r: build_prompt(r["instruction"], r["input"]) + r["output"]  # noqa: E731
+    write(root / "pt.jsonl", [{"text": text(r)} for r in recs["train"]])
+    tok = demo_tokenizer([text(r) for rs in recs.values() for r in rs] + [PROMPT])
     shapes = {"teacher": dict(n_layer=4, n_embd=128, n_head=4), "student": dict(n_layer=2, n_embd=64, n_head=2)}
     for name, shape in shapes.items():
         if getattr(args, name) != "demo":
@@ -917,7 +1349,7 @@ def prepare_demo(args):
     if args.data == "demo":
         args.data = str(root / "data.jsonl")
     if args.pt_data == "demo":
-        args.pt_data = str(root / "pt.txt")
+        args.pt_data = str(root / "pt.jsonl")
     return root / "test.jsonl"
 
 
@@ -975,40 +1407,56 @@ def run_demo(args):
 # hyperparameters (the paper's baselines), against the SFT'd teacher.
 
 def sft_stage(path, init, tok, train, val, args, lr, epochs, dtype, teacher_path=None, kd_ratio=0.0):
-    """Run one SFT stage into `path` unless it is already done there."""
+    """Run one SFT stage into `path` unless it is already done there; continue it from its checkpoint if any."""
     if is_done(path):
         print(f"{Path(path).name}: done, skipping ({path})")
         return path
-    model = load_model(init, args.device, torch.float32, args.trust_remote_code)
+    set_seed(args.seed + rank())  # every stage starts from the seed, so a stage started by a rerun starts the same
+    resume = find_checkpoint(Path(path) / "ckpt")
+    model = load_model(resume or init, args.device, torch.float32, args.trust_remote_code)
     teacher = None
     if kd_ratio > 0:
         teacher = load_model(teacher_path, args.device, dtype, args.trust_remote_code).eval().requires_grad_(False)
-        check_same_vocab(load_tokenizer(teacher_path, args.trust_remote_code), tok, teacher, model)
-    sft(model, tok, train, val, path, args, lr, epochs, dtype, teacher, kd_ratio)
+        check_same_vocab(load_tokenizer(teacher_path, args.trust_remote_code), tok, n_logits(teacher), n_logits(model))
+    sft(model, tok, train, val, path, args, lr, epochs, dtype, teacher, kd_ratio, resume)
     return path
 
 
 def main(argv=None):
     args = parse_args(argv)
+    init_distributed(args)
     if args.demo:
+        if world() > 1:
+            die("--demo runs in one process; under torchrun give --teacher, --student and --data")
         return run_demo(args)
-    return run(args)
+    result = run(args)
+    if dist_on():
+        torch.distributed.destroy_process_group()
+    return result
 
 
 def run(args):
     """The stages of one --method."""
-    set_seed(args.seed)
+    set_seed(args.seed + rank())  # dropout and sampling differ between ranks; data order and prompts do not
     dtype = resolve_dtype(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "args.json").write_text(json.dumps(vars(args), indent=1))
-    print(f"method {args.method} | device {args.device} | dtype {dtype} | recipe {args.recipe} | out {out}")
+    print(f"method {args.method} | device {args.device} | dtype {dtype} | recipe {args.recipe} | out {out}"
+          + (f" | {world()} processes" if world() > 1 else ""))
 
+    # Every input is checked before the run folder is touched (errors: one line, exit status 2).
     tok = load_tokenizer(args.student, args.trust_remote_code)
-    records = load_records(args.data)
+    records = load_records(args.data, required=("instruction", "output"))
+    if len(records) <= args.val_size:
+        die(f"{args.data} has {len(records)} records and the first --val-size {args.val_size} are the validation set: "
+            "none is left to train on; lower --val-size")
     val_rec, train_rec = records[:args.val_size], records[args.val_size:]
     train = tokenize_dataset(tok, train_rec, args.max_prompt_len, args.max_len, "train")
     val = tokenize_dataset(tok, val_rec, args.max_prompt_len, args.max_len, "val")
+    if args.method != "sft":
+        check_teacher_vocab(args.teacher, tok, args)
+    check_world(args, len(train))
+    check_pt_data(args)
+    prepare_out(out, args)  # refuses a folder that holds a run with other arguments; saves args.json
 
     # (a) teacher SFT (every method but plain SFT needs the teacher)
     teacher_path = args.teacher
@@ -1032,7 +1480,7 @@ def run(args):
         student_path = sft_stage(str(out / "student-sft"), args.student, tok, train, val, args, args.student_lr, args.student_epochs, dtype)
     if args.method == "sft":
         link = out / "sft"
-        if not link.exists():
+        if not link.exists() and is_main():
             link.symlink_to("student-sft", target_is_directory=True)  # the same checkpoint, not trained twice
         print(f"done: {link} (= {student_path})")
         return
@@ -1041,16 +1489,36 @@ def run(args):
     if is_done(minillm_path):
         print(f"minillm: done, skipping ({minillm_path})")
         return
-    set_seed(args.seed)
+    set_seed(args.seed + rank())
+    resume = find_checkpoint(Path(minillm_path) / "ckpt")
     teacher = load_model(teacher_path, args.device, dtype, args.trust_remote_code).eval().requires_grad_(False)
-    student = load_model(student_path, args.device, torch.float32, args.trust_remote_code)
-    check_same_vocab(load_tokenizer(teacher_path, args.trust_remote_code), tok, teacher, student)
+    student = load_model(resume or student_path, args.device, torch.float32, args.trust_remote_code)
+    check_same_vocab(load_tokenizer(teacher_path, args.trust_remote_code), tok, n_logits(teacher), n_logits(student))
     pt_stream = None
-    if args.pt_data != "none" and args.pt_coef > 0:
-        pt_stream = pt_chunks(args.pt_data, tok, args.pt_seq_len, args.seed)
+    if args.pt_data != "none" and args.pt_coef > 0:  # each rank reads every world()-th chunk
+        pt_stream = islice(pt_chunks(args.pt_data, tok, args.pt_seq_len, args.seed), rank(), None, world())
     prompts = [p for p, _ in train]
-    distill(student, teacher, tok, prompts, minillm_path, args, dtype, pt_stream)
+    distill(student, teacher, tok, prompts, minillm_path, args, dtype, pt_stream, resume)
     print(f"done: {minillm_path}")
+
+
+def check_world(args, n_train):
+    """Under DDP a global batch is split evenly: each rank trains on batch/world rollouts (and PT chunks)."""
+    w = world()
+    if w == 1:
+        return
+    for name in ["batch_size", "rollouts"] + (["pt_batch_size"] if args.pt_data != "none" and args.pt_coef > 0 else []):
+        if getattr(args, name) % w:
+            die(f"--{name.replace('_', '-')} {getattr(args, name)} must be a multiple of the number of processes ({w})")
+    if n_train < w:
+        die(f"{n_train} training examples for {w} processes; use fewer processes or more data")
+
+
+def check_pt_data(args):
+    """A local L_PT corpus that is not there would only fail at the first distillation step, hours in."""
+    used = args.method == "minillm" and args.pt_data != "none" and args.pt_coef > 0
+    if used and looks_like_a_path(args.pt_data) and not os.path.exists(args.pt_data):
+        die(f"pre-training corpus {args.pt_data} not found; give an existing .txt/.jsonl file, a hub dataset, or --pt-data none")
 
 
 if __name__ == "__main__":
