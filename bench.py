@@ -1,0 +1,527 @@
+"""
+Benchmark of minillm.py: is the faithful version also a fast one?
+
+    python bench.py                                  # tiny shapes on the CPU (< 5 minutes on 2 cores)
+    python bench.py --device cuda --shapes paper     # gpt2-xl -> gpt2, B = 64, prompt 256, 256 new tokens, bf16
+    python bench.py --json                           # one JSON object instead of the table
+
+Models have random weights built from GPT2Config (no download, no tokenizer: prompts are random token ids),
+with the real 50,257-token vocabulary, so the vocabulary-wide work (softmax, KL, LM head) is to scale.
+Every rollout has exactly N new tokens (the EOS cannot be sampled), so every side does identical work.
+
+What is measured, each a median of --repeats rounds after one warm-up round; every job runs once per round
+(interleaved, so a busy machine slows all alike). On the CPU torch uses 1 thread unless --threads says otherwise:
+  1. mixed_vs_generate   minillm.sample_rollouts (student and teacher decode together, token drawn from
+                         p~ = α·p + (1-α)·q_θ) ÷ [HF generate of the student alone + HF generate of the teacher
+                         alone] (KV cache, do_sample, top_k = 0, exactly N tokens). Target <= 1.10.
+  2. teacher_evals_per_token   teacher positions that output a response-token distribution ÷ response tokens,
+                         counted with a forward pre-hook on the teacher over one whole distillation step. A
+                         forward over L >= P columns starting at the prompt yields L - (P-1) such positions per row
+                         (the prefill of a P-token prompt: 1, the distribution of y_1); a one-token decode call
+                         yields 1. The P-1 prompt-only positions of a prefill are reported apart. The official code
+                         needs >= 3 (reward, log p, single-step KL); ours should be exactly 1.
+  3. step_vs_parts       one step ÷ the sum of its parts, each timed alone. A step is `minillm.distill` with
+                         --steps 1 --rollouts B --batch-size B --ppo-epochs 1: one collection of B rollouts and one
+                         optimisation pass (one inner epoch, one optimizer step) over it, plus one L_PT batch.
+                         Parts: collect_rollouts; minillm_loss + backward over the micro-batches; pt_loss + backward;
+                         grad clip + AdamW step. Target <= 1.20.
+  4. step_vs_trl         our step without L_PT (TRL has none) ÷ TRL's GKDTrainer step (beta = 1: reverse KL,
+                         lmbda = 1: fully on-policy) on the same models, B, P, N: TRL's student generates alone
+                         (HF generate), then student forward/backward and one teacher forward over prompt+response,
+                         then grad clip + AdamW. We sample with the teacher in the loop instead and never re-run it.
+                         Target <= 0.80.
+  5. peak memory per phase (CUDA: max_memory_allocated; CPU: the process RSS, polled) and tokens/s.
+
+trl is optional (`pip install trl`); without it step_vs_trl is null and a note says why.
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+import torch
+
+import minillm as M
+
+V = 50257  # GPT-2's vocabulary: the vocabulary-wide ops are the real size even on tiny models
+
+# layers, width, heads; B rollouts, P prompt tokens, N new tokens; micro-batch; PT chunks (1/8 of the rollout
+# tokens, the ratio of the paper's 8 × 512 PT tokens to its 64 × 512 rollout tokens)
+SHAPES = {
+    "tiny": dict(teacher=(4, 256, 4), student=(2, 128, 2), B=8, P=32, N=32, micro=8, pt_batch=1, repeats=5),
+    "paper": dict(teacher=(48, 1600, 25), student=(12, 768, 12), B=64, P=256, N=256, micro=16, pt_batch=8, repeats=3),
+    "smoke": dict(teacher=(1, 32, 2), student=(1, 16, 2), B=2, P=8, N=8, micro=2, pt_batch=1, repeats=1),  # for test_bench.py
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shapes", choices=list(SHAPES), default="tiny")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement, after one warm-up (tiny 5, paper 3)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--no-trl", action="store_true", help="skip the TRL peer (step_vs_trl = null)")
+    p.add_argument("--trl-micro-batch", type=int, default=0,
+                   help="TRL: prompts per training_step, gradients accumulated over B/m calls, each generating its own m "
+                        "rollouts (how GKDTrainer accumulates); 0 = all B in one call (its fastest generation)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU only: torch threads (default 1: on a small shared machine, 2 OpenMP threads wait on each other "
+                        "whenever another process takes a core, which inflates ops-heavy decode loops; 0 = torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Measuring.
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class PeakMemory:
+    """Peak memory inside a block: the CUDA allocator's peak, or on the CPU the process RSS polled every 2 ms
+    (ru_maxrss only ever grows, so it cannot separate phases; it is reported once, for the whole run)."""
+
+    def __init__(self, device):
+        self.cuda, self.peak = device.startswith("cuda"), 0
+
+    def _rss(self):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            self._stop.wait(0.002)
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        elif os.path.exists("/proc/self/statm"):
+            self._stop = threading.Event()
+            self.peak = self._rss()
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        elif hasattr(self, "_thread"):
+            self._stop.set()
+            self._thread.join()
+        else:  # no /proc (macOS): the lifetime maximum, in bytes
+            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def measure(jobs, device, repeats):
+    """Median wall time of each job over `repeats` rounds after one warm-up round. jobs: {name: fn or (fn, setup)};
+    setup() runs untimed before fn(). The jobs run interleaved, one of each per round, so a machine shared with
+    other processes slows all of them alike and the ratios stay fair."""
+    jobs = {k: v if isinstance(v, tuple) else (v, None) for k, v in jobs.items()}
+    res = {k: {"all_s": [], "peak_bytes": 0} for k in jobs}
+    for i in range(repeats + 1):  # round 0 is the warm-up (allocator, kernels, lazy optimizer state)
+        for name, (fn, setup) in jobs.items():
+            if setup is not None:
+                setup()
+            with PeakMemory(device) as mem:
+                sync(device)
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+                dt = time.perf_counter() - t0
+            res[name]["peak_bytes"] = max(res[name]["peak_bytes"], mem.peak)
+            if i > 0:
+                res[name]["all_s"].append(dt)
+    for r in res.values():
+        r["median_s"] = statistics.median(r["all_s"])
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models, prompts, arguments.
+
+def gpt2(layers, width, heads, device, dtype, seed):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    cfg = GPT2Config(vocab_size=V, n_positions=1024, n_layer=layers, n_embd=width, n_head=heads,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # the student trains in eval mode anyway
+                     bos_token_id=V - 1, eos_token_id=V - 1)
+    torch.manual_seed(seed)
+    with torch.device(device):  # initialise in place: a 1.5B model initialised on the CPU takes minutes
+        model = GPT2LMHeadModel(cfg)
+    return model.to(dtype).eval()
+
+
+class FakeTokenizer:
+    """What minillm.distill reads from a tokenizer. eos = -1 can never be sampled: fixed-length rollouts."""
+    eos_token_id, pad_token_id = -1, V - 1
+
+
+def distill_args(sh, device, pt):
+    return M.parse_args(["--device", device, "--steps", "1", "--rollouts", str(sh["B"]), "--batch-size", str(sh["B"]),
+                         "--gen-batch-size", str(sh["B"]), "--micro-batch-size", str(sh["micro"]), "--ppo-epochs", "1",
+                         "--max-new-tokens", str(sh["N"]), "--pt-batch-size", str(sh["pt_batch"]),
+                         "--pt-seq-len", str(sh["P"] + sh["N"]), "--pt-coef", "1.0" if pt else "0.0",
+                         "--warmup-steps", "1", "--log-interval", "1"])
+
+
+@contextlib.contextmanager
+def quiet_distill():
+    """minillm.distill saves a checkpoint, a plot and prints a line: not part of a step, so switched off here."""
+    saved = M.save_checkpoint, M.plot_curve, M.mark_done
+    M.save_checkpoint = M.plot_curve = M.mark_done = lambda *a, **k: None
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        M.save_checkpoint, M.plot_curve, M.mark_done = saved
+
+
+def autocast(device, dtype):
+    return M.autocast(device, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Sampling: teacher-mixed vs Hugging Face generate.
+
+def sampling_jobs(student, teacher, ids, attn, sh, device, dtype):
+    N, gen = sh["N"], torch.Generator(device=device).manual_seed(1)
+
+    def ours():
+        M.sample_rollouts(student, teacher, ids, attn, FakeTokenizer.eos_token_id, FakeTokenizer.pad_token_id, N,
+                          alpha=0.2, dtype=dtype, keep_teacher_logits=True, generator=gen)
+
+    def hf(model, amp):
+        def run():
+            with autocast(device, dtype) if amp else contextlib.nullcontext():
+                out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, top_k=0, top_p=1.0,
+                                     temperature=1.0, min_new_tokens=N, max_new_tokens=N, use_cache=True,
+                                     pad_token_id=V - 1, eos_token_id=V - 1)
+            assert out.shape[1] == ids.shape[1] + N
+        return run
+
+    return {"sample_ours": ours,
+            "generate_student": hf(student, True),  # the student runs under autocast, as ours
+            "generate_teacher": hf(teacher, False)}  # bf16 weights, as ours
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Teacher evaluations per response token over one distillation step.
+
+class PositionCounter:
+    """Forward pre-hook: for each teacher call, how many positions yield a response-token distribution."""
+
+    def __init__(self, model, P):
+        self.P, self.response, self.prompt_only, self.calls = P, 0, 0, 0
+        self.handle = model.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs):
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        b, L = ids.shape
+        self.calls += 1
+        if L == 1:  # a decode step: one new position
+            self.response += b
+        else:  # a forward from the start of the prompt: P-1 prompt-only positions, the rest predict response tokens
+            self.prompt_only += b * min(L, self.P - 1)
+            self.response += b * max(0, L - (self.P - 1))
+
+
+def bench_teacher_evals(student, teacher, prompts, pt_stream, sh, device, dtype):
+    counter = PositionCounter(teacher, sh["P"])
+    with quiet_distill(), tempfile.TemporaryDirectory() as tmp:
+        M.distill(student, teacher, FakeTokenizer(), prompts, tmp, distill_args(sh, device, pt=True), dtype, pt_stream)
+    counter.handle.remove()
+    n_tokens = sh["B"] * sh["N"]
+    return {"teacher_evals_per_token": counter.response / n_tokens,
+            "teacher_prompt_positions_per_prompt_token": counter.prompt_only / (sh["B"] * (sh["P"] - 1)),
+            "teacher_calls": counter.calls}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. One distillation step and its parts.
+
+def step_jobs(student, teacher, prompts, pt_stream, sh, device, dtype):
+    """The step (with and without L_PT) and its four parts, as jobs for measure()."""
+    jobs = {}
+    for pt in (True, False):
+        def step(args=distill_args(sh, device, pt), stream=pt_stream if pt else None):
+            with quiet_distill(), tempfile.TemporaryDirectory() as tmp:
+                M.distill(student, teacher, FakeTokenizer(), prompts, tmp, args, dtype, stream)
+        jobs["step" if pt else "step_no_pt"] = step
+
+    # The parts, each alone, on the same shapes and with the same code the step runs.
+    args = distill_args(sh, device, pt=True)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    zero = lambda: opt.zero_grad(set_to_none=True)  # noqa: E731  (a step starts with no gradients)
+    buf = {}
+
+    def sampling():
+        buf.update(M.collect_rollouts(student, teacher, prompts, args, FakeTokenizer.eos_token_id,
+                                      FakeTokenizer.pad_token_id, dtype, gen))
+
+    def loss_backward():
+        student.eval()
+        n_norm = M.normaliser(buf["mask"], args.normalize)
+        for i in range(0, sh["B"], args.micro_batch_size):
+            micro = {k: v[i:i + args.micro_batch_size] for k, v in buf.items()}
+            loss, _ = M.minillm_loss(student, micro, args, n_norm, dtype)
+            loss.backward()
+
+    def pt_backward():
+        chunk = torch.stack([next(pt_stream) for _ in range(args.pt_batch_size)]).to(device)
+        (args.pt_coef * M.pt_loss(student, teacher, chunk, args.pt_kd_ratio, dtype)).backward()
+
+    def fill_grads():
+        for p in student.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+
+    def opt_step():
+        torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    jobs.update(part_sampling=(sampling, zero), part_loss_backward=(loss_backward, zero), part_pt=(pt_backward, zero),
+                part_optimizer=(opt_step, fill_grads))
+    return jobs
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. The peer: TRL's GKDTrainer, beta = 1 (reverse KL), lmbda = 1 (fully on-policy).
+
+def word_tokenizer():
+    """A tokenizer TRL can hold: V word-level tokens, never used to encode text (prompts are token ids)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(V)}, unk_token="t0"))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=f"t{V - 1}", pad_token=f"t{V - 1}", unk_token="t0")
+
+
+def trl_job(student, teacher, ids, attn, sh, device, dtype, micro=0):
+    try:
+        import transformers
+        import trl
+        from datasets import Dataset
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+    except Exception as e:  # trl is a benchmark-only extra
+        return None, None, f"trl unavailable ({type(e).__name__}: {e}); pip install trl"
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("trl").setLevel(logging.ERROR)
+    tmp = tempfile.mkdtemp()
+    cuda = device.startswith("cuda")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5.2x renames gradient_checkpointing
+    cfg = GKDConfig(output_dir=tmp, per_device_train_batch_size=sh["B"], gradient_accumulation_steps=1,
+                    lmbda=1.0, beta=1.0, temperature=1.0, seq_kd=False, max_new_tokens=sh["N"],
+                    max_length=sh["P"] + sh["N"], learning_rate=5e-6, adam_beta1=0.9, adam_beta2=0.95,
+                    weight_decay=1e-6, max_grad_norm=1.0, optim="adamw_torch", lr_scheduler_type="constant",
+                    gradient_checkpointing=False,  # on: generate() without KV cache, and recomputation; ours has neither
+                    disable_dropout=True, bf16=cuda, fp16=False, use_cpu=not cuda, report_to=[], logging_strategy="no",
+                    save_strategy="no", dataloader_num_workers=0, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = GKDTrainer(model=student, teacher_model=teacher, args=cfg, processing_class=word_tokenizer(),
+                             train_dataset=Dataset.from_dict({"prompt": ["unused"]}))  # we hand training_step its batch
+    # Exactly N new tokens, as every other measurement: the EOS is masked until N (HF's min_new_tokens).
+    trainer.generation_config.min_new_tokens = sh["N"]
+    trainer.generation_config.max_new_tokens = sh["N"]
+    trainer.generation_kwargs.update(min_new_tokens=sh["N"], max_new_tokens=sh["N"])
+    trainer.create_optimizer()
+    m = micro or sh["B"]
+    trainer.current_gradient_accumulation_steps = sh["B"] // m  # set by trainer.train(), which we do not call
+    model, opt = trainer.model, trainer.optimizer
+    # Outside trainer.train() accelerate does not wrap the forward in autocast, so we do, as it would with bf16=True.
+    amp = autocast(device, dtype) if cuda else contextlib.nullcontext()
+
+    def step():
+        for i in range(0, sh["B"], m):
+            inputs = {"prompts": ids[i:i + m], "prompt_attention_mask": attn[i:i + m], "input_ids": ids[i:i + m],
+                      "attention_mask": attn[i:i + m],  # all replaced by the on-policy generation (lmbda = 1)
+                      "labels": torch.full_like(ids[i:i + m], -100)}
+            with amp:
+                trainer.training_step(model, inputs)
+        trainer.accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.eval()  # training_step left the student in train mode; our sampling asserts eval mode (µs)
+
+    counter = PositionCounter(teacher, sh["P"])  # the peer's teacher evaluations, same definition as ours
+    try:
+        step()
+    except torch.cuda.OutOfMemoryError:
+        opt.zero_grad(set_to_none=True)
+        model.eval()
+        torch.cuda.empty_cache()
+        return None, None, f"TRL ran out of GPU memory with {m} prompts per training_step; try --trl-micro-batch {max(1, m // 4)}"
+    finally:
+        counter.handle.remove()
+    evals = counter.response / (sh["B"] * sh["N"])
+    note = (f"trl {trl.__version__} GKDTrainer(beta=1, lmbda=1), {sh['B'] // m} training_step(s) of {m} prompts: the "
+            "student generates alone (HF generate, KV cache), then student forward+backward and one teacher forward "
+            "over prompt+response, then clip and AdamW")
+    return step, evals, note
+
+
+# ----------------------------------------------------------------------------------------------------
+# Report.
+
+def teacher_logits_bytes(rollouts=256, n=256, vocab=V, bytes_per=2):
+    """Keeping the teacher's logits of one collection (paper: 256 rollouts × 256 tokens × V, bf16)."""
+    return rollouts * n * vocab * bytes_per
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    device = a.device
+    if a.shapes == "paper" and not device.startswith("cuda"):
+        print("warning: paper shapes on the CPU will take hours; they are meant for --device cuda", file=sys.stderr)
+    threads = torch.get_num_threads()
+    if not device.startswith("cuda") and a.threads > 0:
+        torch.set_num_threads(a.threads)
+    try:
+        return run(a, device)
+    finally:
+        torch.set_num_threads(threads)  # main() is also called from tests: leave the process as it was
+
+
+def run(a, device):
+    sh = dict(SHAPES[a.shapes])
+    repeats = a.repeats or sh["repeats"]
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # as minillm.resolve_dtype
+    torch.manual_seed(a.seed)
+    t_start = time.time()
+
+    teacher = gpt2(*sh["teacher"], device, dtype, seed=1).requires_grad_(False)  # bf16 weights on CUDA
+    student = gpt2(*sh["student"], device, torch.float32, seed=2)  # fp32 master weights, bf16 autocast on CUDA
+    B, P, N = sh["B"], sh["P"], sh["N"]
+    g = torch.Generator().manual_seed(a.seed)
+    prompt_ids = torch.randint(0, V - 1, (B, P), generator=g)
+    prompts = prompt_ids.tolist()
+    ids, attn = (x.to(device) for x in M.collate_prompts(prompts, FakeTokenizer.pad_token_id))
+    pt_stream = iter(lambda: torch.randint(0, V - 1, (P + N,), generator=g), None)
+
+    evals = bench_teacher_evals(student, teacher, prompts, pt_stream, sh, device, dtype)
+    jobs = {**sampling_jobs(student, teacher, ids, attn, sh, device, dtype),
+            **step_jobs(student, teacher, prompts, pt_stream, sh, device, dtype)}
+    trl_step, trl_evals, trl_note = (None, None, "skipped (--no-trl)") if a.no_trl else \
+        trl_job(student, teacher, ids, attn, sh, device, dtype, a.trl_micro_batch)
+    if trl_step is not None:
+        jobs["trl_step"] = trl_step
+    step = measure(jobs, device, repeats)  # every job once per round, so a busy machine slows all alike
+    samp = {"ours": step["sample_ours"], "generate_student": step["generate_student"], "generate_teacher": step["generate_teacher"]}
+    trl_res = {"step": step["trl_step"], "teacher_evals_per_token": trl_evals} if trl_step is not None else None
+    med = lambda r: r["median_s"]  # noqa: E731
+    parts = ["part_sampling", "part_loss_backward", "part_pt", "part_optimizer"]
+    tokens = B * N
+    res = {
+        "mixed_vs_generate": med(samp["ours"]) / (med(samp["generate_student"]) + med(samp["generate_teacher"])),
+        "teacher_evals_per_token": evals["teacher_evals_per_token"],
+        "step_vs_parts": med(step["step"]) / sum(med(step[k]) for k in parts),
+        "step_vs_trl": med(step["step_no_pt"]) / med(trl_res["step"]) if trl_res else None,
+        # the same ratios taken within each round, then the median: steadier when the machine is shared
+        "ratios_per_round_median": {
+            "mixed_vs_generate": statistics.median(o / (gs + gt) for o, gs, gt in zip(
+                samp["ours"]["all_s"], samp["generate_student"]["all_s"], samp["generate_teacher"]["all_s"])),
+            "step_vs_trl": statistics.median(o / t for o, t in zip(step["step_no_pt"]["all_s"], trl_res["step"]["all_s"]))
+            if trl_res else None},
+        "targets": {"mixed_vs_generate": "<= 1.10", "teacher_evals_per_token": "1.0 (official code: >= 3)",
+                    "step_vs_parts": "<= 1.20", "step_vs_trl": "<= 0.80"},
+        "config": dict(shapes=a.shapes, device=device, device_name=torch.cuda.get_device_name() if device.startswith("cuda") else
+                       f"cpu ({torch.get_num_threads()} threads)", dtype=str(dtype), teacher=sh["teacher"], student=sh["student"],
+                       vocab=V, B=B, P=P, N=N, micro_batch=sh["micro"], pt_chunks=sh["pt_batch"], pt_seq_len=P + N,
+                       repeats=repeats, torch=torch.__version__, transformers=__import__("transformers").__version__),
+        "timings_s": {"sample_ours": med(samp["ours"]), "generate_student": med(samp["generate_student"]),
+                      "generate_teacher": med(samp["generate_teacher"]), "step": med(step["step"]),
+                      "step_no_pt": med(step["step_no_pt"]), **{k: med(step[k]) for k in parts},
+                      "trl_step": med(trl_res["step"]) if trl_res else None},
+        "timings_all_s": {k: v["all_s"] for k, v in step.items()},
+        "peak_memory_bytes": {"sample_ours": samp["ours"]["peak_bytes"], "generate_student": samp["generate_student"]["peak_bytes"],
+                              "generate_teacher": samp["generate_teacher"]["peak_bytes"], "step": step["step"]["peak_bytes"],
+                              "step_no_pt": step["step_no_pt"]["peak_bytes"], "trl_step": trl_res["step"]["peak_bytes"] if trl_res else None,
+                              "kind": "torch.cuda.max_memory_allocated" if device.startswith("cuda") else "process RSS (polled)",
+                              "process_max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
+        "tokens_per_s": {"sample_ours": tokens / med(samp["ours"]),
+                         "generate_student": tokens / med(samp["generate_student"]),
+                         "generate_teacher": tokens / med(samp["generate_teacher"]),
+                         "train_step": tokens / med(step["step"]), "train_step_no_pt": tokens / med(step["step_no_pt"]),
+                         "trl_step": tokens / med(trl_res["step"]) if trl_res else None},
+        "teacher_evals": {**evals, "trl_teacher_evals_per_token": trl_res["teacher_evals_per_token"] if trl_res else None},
+        "teacher_logits_one_collection_bytes": teacher_logits_bytes(),
+        "notes": {
+            "trl": trl_note,
+            "step": "minillm.distill(--steps 1 --rollouts B --batch-size B --ppo-epochs 1): one collection of B rollouts, "
+                    "one optimisation pass over it, one optimizer step; checkpoint saving and plotting switched off",
+            "step_vs_trl": "our step without L_PT (TRL has none) vs GKDTrainer.training_step on the same B prompts "
+                           "(see trl) + clip + AdamW step; the ratio of medians, and per round in ratios_per_round_median",
+            "teacher_evals_per_token": "(teacher positions whose output is a response-token distribution) / (B*N response "
+                                       "tokens) over one distill step; prefill: 1 per row (y_1), decode: 1 per call and row; "
+                                       "the P-1 prompt-only prefill positions are in teacher_prompt_positions_per_prompt_token",
+        },
+        "wall_s": time.time() - t_start,
+    }
+    if a.json:
+        print(json.dumps(res))
+    else:
+        print_table(res)
+    return res
+
+
+def print_table(r):
+    c, t, m, tok = r["config"], r["timings_s"], r["peak_memory_bytes"], r["tokens_per_s"]
+    gb = lambda x: "-" if x is None else f"{x / 2**30:.2f} GiB"  # noqa: E731
+    ms = lambda x: "-" if x is None else f"{1000 * x:.0f} ms"  # noqa: E731
+    ts = lambda x: "-" if x is None else f"{x:.0f}"  # noqa: E731
+    print(f"MiniLLM bench | {c['shapes']} | {c['device_name']} | {c['dtype']} | teacher {c['teacher']} student {c['student']} "
+          f"(layers, width, heads) | V {c['vocab']} | B {c['B']} P {c['P']} N {c['N']} | median of {c['repeats']}")
+    print(f"{'measurement':<44}{'time':>10}{'tok/s':>10}{'peak mem':>12}")
+    rows = [("sample_rollouts (teacher-mixed)", t["sample_ours"], tok["sample_ours"], m["sample_ours"]),
+            ("HF generate, student alone", t["generate_student"], tok["generate_student"], m["generate_student"]),
+            ("HF generate, teacher alone", t["generate_teacher"], tok["generate_teacher"], m["generate_teacher"]),
+            ("distill step (collect + 1 pass + L_PT + opt)", t["step"], tok["train_step"], m["step"]),
+            ("  part: collect_rollouts", t["part_sampling"], None, None),
+            ("  part: minillm_loss + backward", t["part_loss_backward"], None, None),
+            ("  part: pt_loss + backward", t["part_pt"], None, None),
+            ("  part: clip + AdamW step", t["part_optimizer"], None, None),
+            ("distill step without L_PT", t["step_no_pt"], tok["train_step_no_pt"], m["step_no_pt"]),
+            ("TRL GKDTrainer step (beta=1, lmbda=1)", t["trl_step"], tok["trl_step"], m["trl_step"])]
+    for name, x, k, mem in rows:
+        print(f"{name:<44}{ms(x):>10}{ts(k):>10}{gb(mem):>12}")
+    e = r["teacher_evals"]
+    print(f"{'ratio':<44}{'value':>10}  target")
+    for k in ["mixed_vs_generate", "teacher_evals_per_token", "step_vs_parts", "step_vs_trl"]:
+        v = r[k]
+        print(f"{k:<44}{'null' if v is None else f'{v:.3f}':>10}  {r['targets'][k]}")
+    rr = r["ratios_per_round_median"]
+    print("per-round medians: mixed_vs_generate " + f"{rr['mixed_vs_generate']:.3f}, step_vs_trl "
+          + ("null" if rr["step_vs_trl"] is None else f"{rr['step_vs_trl']:.3f}"))
+    print(f"teacher_evals_per_token = {r['notes']['teacher_evals_per_token']}")
+    trl_evals = e["trl_teacher_evals_per_token"]
+    print(f"teacher: {e['teacher_calls']} calls per step, prompt-only positions per prompt token "
+          f"{e['teacher_prompt_positions_per_prompt_token']:.2f}; TRL's teacher evals per response token "
+          + ("-" if trl_evals is None else f"{trl_evals:.3f}"))
+    print(f"teacher logits of one paper collection (256 rollouts × 256 tokens × {V} × 2 B, bf16): "
+          f"{r['teacher_logits_one_collection_bytes'] / 1e9:.2f} GB ({gb(r['teacher_logits_one_collection_bytes'])}) "
+          "— computed, not measured; --teacher-logits-offload keeps them in CPU memory")
+    print(f"memory: {m['kind']}; process max RSS {gb(m['process_max_rss'])}")
+    print(f"trl: {r['notes']['trl']}")
+    print(f"wall time {r['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
