@@ -141,11 +141,11 @@ def build_parser():
 
 # --demo changes these defaults; flags given on the command line still win. "demo" = generated in OUT/demo.
 DEMO = dict(teacher="demo", student="demo", data="demo", pt_data="demo", out="out-demo", device="cpu", val_size=200,
-            max_prompt_len=64, max_len=96, max_new_tokens=16, teacher_lr=2e-3, teacher_epochs=8, student_lr=2e-3,
-            student_epochs=6, sft_batch_size=32, sft_micro_batch_size=32, min_lr=1e-4, steps=120, lr=2e-4,
-            warmup_steps=10, batch_size=32, micro_batch_size=32, rollouts=128, gen_batch_size=128, pt_batch_size=8,
-            pt_seq_len=64, log_interval=10)
-QUICK = dict(teacher_epochs=4, student_epochs=3, steps=16, rollouts=64, gen_batch_size=64, log_interval=4)
+            max_prompt_len=64, max_len=96, max_new_tokens=16, teacher_lr=2e-3, teacher_epochs=12, student_lr=2e-3,
+            student_epochs=6, sft_batch_size=32, sft_micro_batch_size=32, min_lr=1e-4, steps=240, lr=5e-4,
+            warmup_steps=10, batch_size=32, micro_batch_size=32, rollouts=64, gen_batch_size=64, pt_batch_size=8,
+            pt_seq_len=64, pt_coef=0.1, log_interval=10)
+QUICK = dict(teacher_epochs=3, student_epochs=3, steps=32, rollouts=64, gen_batch_size=64, log_interval=4)
 
 
 def die(msg):
@@ -1324,18 +1324,20 @@ def prepare_demo(args):
     from transformers import GPT2Config, GPT2LMHeadModel
     root = Path(args.out) / "demo"
     rng = random.Random(args.seed)
-    sets = {"val": 200, "train": 600 if args.quick else 2000, "test": 300}
+    sets = {"val": 200, "train": 600 if args.quick else 2000, "test": 100 if args.quick else 300}
     recs = {k: [demo_example(rng) for _ in range(n)] for k, n in sets.items()}
     root.mkdir(parents=True, exist_ok=True)
     write = lambda path, rows: Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))  # noqa: E731
     write(root / "data.jsonl", recs["val"] + recs["train"])  # the first --val-size records are validation
     write(root / "test.jsonl", [dict(r, output=r["refs"]) for r in recs["test"]])  # every correct answer is a reference
-    # The demo's "pre-training corpus": the students learned language from scratch on formatted prompt + answer
-    # texts, so those play the part OpenWebText plays for GPT-2 (text like what the student was trained on).
-    text = lambda r: build_prompt(r["instruction"], r["input"]) + r["output"]  # noqa: E731
-    write(root / "pt.jsonl", [{"text": text(r)} for r in recs["train"]])
-    tok = demo_tokenizer([text(r) for rs in recs.values() for r in rs] + [PROMPT])
-    shapes = {"teacher": dict(n_layer=4, n_embd=128, n_head=4), "student": dict(n_layer=2, n_embd=64, n_head=2)}
+    # The demo's pre-training corpus: plain sentences of the same world, without the template. As GPT-2 was
+    # pre-trained on WebText before SFT, both demo models are pre-trained on it (packed chunks, the same stream
+    # L_PT reads) before their SFT; L_PT then keeps the student close to text it already knows, as in the paper.
+    docs = [f"{r['instruction']} {r['input']} {r['output']}.".replace("  ", " ") for r in
+            (demo_example(rng) for _ in range(4000 if args.quick else 20000))]
+    write(root / "pt.jsonl", [{"text": d} for d in docs])
+    tok = demo_tokenizer(docs + [build_prompt(r["instruction"], r["input"]) + r["output"] for rs in recs.values() for r in rs])
+    shapes = {"teacher": dict(n_layer=4, n_embd=96, n_head=4), "student": dict(n_layer=2, n_embd=64, n_head=2)}  # 4x the parameters
     for name, shape in shapes.items():
         if getattr(args, name) != "demo":
             continue
@@ -1345,7 +1347,12 @@ def prepare_demo(args):
             cfg = GPT2Config(vocab_size=len(tok), n_positions=128, bos_token_id=tok.eos_token_id,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **shape)
             save_checkpoint(GPT2LMHeadModel(cfg), tok, path)
-        setattr(args, name, str(path))
+        n_chunks = sum(len(d.split()) for d in docs) // args.pt_seq_len  # fewer than one pass over the corpus
+        chunks = [([], c.tolist()) for c in islice(pt_chunks(str(root / "pt.jsonl"), tok, args.pt_seq_len), n_chunks)]
+        lr = args.teacher_lr if name == "teacher" else args.student_lr  # no prompt: every token is a target
+        pre = sft_stage(str(root / f"{name}-pretrain"), str(path), tok, chunks[n_chunks // 20:], chunks[:n_chunks // 20],
+                        args, lr, 1, resolve_dtype(args))
+        setattr(args, name, pre)
     if args.data == "demo":
         args.data = str(root / "data.jsonl")
     if args.pt_data == "demo":
