@@ -23,7 +23,7 @@ Two of the paper's analyses come with every run (NOTES §8), in results.json and
     and the mean response length in model tokens (EOS excluded).
 
 Deliberate simplifications, stated up front:
-  * Our own sampling loop (KV cache, left padding, explicit position ids) instead of `model.generate`: a
+  * Our own sampling loop (minillm.sample_model: KV cache, left padding, position ids) instead of `model.generate`: a
     checkpoint's generation_config.json (repetition penalty, min length, ...) can never slip in, and each
     seed drives its own torch.Generator, so the same seed + model + batch size gives the same outputs.
   * With --greedy every seed would give the same answers, so only the first seed is run.
@@ -48,8 +48,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minillm import (autocast, build_prompt, collate_prompts, collate_sft, filter_probs, forward, load_model,
-                     load_tokenizer, resolve_dtype, set_seed, tokenize_example)
+from minillm import (autocast, build_prompt, collate_prompts, collate_sft, forward, load_model,
+                     load_tokenizer, resolve_dtype, sample_model, set_seed, tokenize_example)
 
 # ----------------------------------------------------------------------------------------------------
 # The official test sets (NOTES §5). Hub repositories of raw files; the official evaluation reads
@@ -243,32 +243,7 @@ def prepare(tok, records, max_prompt_len, max_new_tokens, name="test"):
 # ----------------------------------------------------------------------------------------------------
 # Generation. Left-padded batches, one KV cache, the next token drawn from the filtered softmax.
 
-@torch.no_grad()
-def sample(model, prompt_ids, prompt_mask, eos_id, pad_id, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-           greedy=False, dtype=torch.float32, generator=None):
-    """-> (B, N) response tokens; a row is pad_id after its first EOS (the EOS itself is kept)."""
-    from transformers import DynamicCache
-    assert not model.training, "evaluation samples in eval mode (no dropout)"
-    device = prompt_ids.device
-    cache = DynamicCache()
-    with autocast(device, dtype):
-        z = forward(model, prompt_ids, prompt_mask, cache)[:, -1].float()  # (B, V) next-token logits
-    attn, done, out = prompt_mask, torch.zeros(len(prompt_ids), dtype=torch.bool, device=device), []
-    for t in range(max_new_tokens):
-        if greedy:
-            y = z.argmax(-1)
-        else:
-            probs = filter_probs(torch.softmax(z / temperature, -1), top_k, top_p)
-            y = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
-        y = torch.where(done, torch.full_like(y, pad_id), y)
-        out.append(y)
-        done = done | (y == eos_id)
-        if done.all() or t == max_new_tokens - 1:
-            break  # no forward for the last token: nothing conditions on it
-        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-        with autocast(device, dtype):
-            z = forward(model, y[:, None], attn, cache)[:, -1].float()
-    return torch.stack(out, dim=1)
+sample = sample_model  # minillm's single-model sampler: KV cache, left padding, exact inverse-CDF draw
 
 
 def decode_response(tok, ids):

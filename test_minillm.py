@@ -515,6 +515,16 @@ def test_quick_demo_lowers_the_held_out_reverse_kl(tmp_path):
     assert "| MiniLLM |" in res.stdout
 
 
+def test_recipe_defaults_and_overrides():
+    """Defaults are the paper's; --recipe lmops switches them all; an explicit flag wins over either."""
+    paper, lmops = M.parse_args([]), M.parse_args(["--recipe", "lmops"])
+    for name, (p, o) in M.RECIPES.items():
+        assert getattr(paper, name) == p and getattr(lmops, name) == o, name
+    mixed = M.parse_args(["--recipe", "lmops", "--no-whiten", "--gamma", "1.0"])
+    assert mixed.whiten is False and mixed.gamma == 1.0 and mixed.include_current is True
+    assert M.parse_args(["--include-current"]).include_current is True
+
+
 def test_import_has_no_side_effects():
     res = subprocess.run([sys.executable, "-c", "import minillm"], cwd=HERE, capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout == ""
