@@ -194,10 +194,6 @@ def quiet_distill():
         M.save_checkpoint, M.plot_curve, M.mark_done = saved
 
 
-def autocast(device, dtype):
-    return M.autocast(device, dtype)
-
-
 # ----------------------------------------------------------------------------------------------------
 # 1. Sampling: teacher-mixed vs Hugging Face generate.
 
@@ -210,7 +206,7 @@ def sampling_jobs(student, teacher, ids, attn, sh, device, dtype):
 
     def hf(model, amp):
         def run():
-            with autocast(device, dtype) if amp else contextlib.nullcontext():
+            with M.autocast(device, dtype) if amp else contextlib.nullcontext():
                 out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, top_k=0, top_p=1.0,
                                      temperature=1.0, min_new_tokens=N, max_new_tokens=N, use_cache=True,
                                      pad_token_id=V - 1, eos_token_id=V - 1)
@@ -347,7 +343,7 @@ def trl_job(student, teacher, ids, attn, sh, device, dtype, micro=0):
     trainer.current_gradient_accumulation_steps = sh["B"] // m  # set by trainer.train(), which we do not call
     model, opt = trainer.model, trainer.optimizer
     # Outside trainer.train() accelerate does not wrap the forward in autocast, so we do, as it would with bf16=True.
-    amp = autocast(device, dtype) if cuda else contextlib.nullcontext()
+    amp = M.autocast(device, dtype) if cuda else contextlib.nullcontext()
 
     def step():
         for i in range(0, sh["B"], m):

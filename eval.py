@@ -48,8 +48,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minillm import (autocast, build_prompt, collate_prompts, collate_sft, forward, load_model,
-                     load_tokenizer, resolve_dtype, sample_model, set_seed, tokenize_example)
+from minillm import (autocast, build_prompt, collate_prompts, collate_sft, decode_response, forward, load_model,
+                     load_records, load_tokenizer, resolve_dtype, sample_model, set_seed, tokenize_example)
 
 # ----------------------------------------------------------------------------------------------------
 # The official test sets (NOTES §5). Hub repositories of raw files; the official evaluation reads
@@ -172,11 +172,6 @@ def safe_name(s):
     return re.sub(r"[^\w.-]+", "_", s).strip("_.") or "x"
 
 
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def load_test_set(spec, limit=0):
     """A test set spec -> (display name, records).
 
@@ -203,7 +198,7 @@ def load_test_set(spec, limit=0):
         except Exception as e:  # offline, no such repo or file: one line that says which file
             reason = (str(e).splitlines() or [""])[0]
             raise SystemExit(f"error: could not fetch {filename} of the hub dataset {repo}: {type(e).__name__}: {reason}")
-    records = read_jsonl(filename)[:keep]
+    records = load_records(filename)[:keep]  # a malformed line stops with file:line
     records = records[:limit] if limit > 0 else records
     for i, r in enumerate(records):
         if "prompt" not in r and "instruction" not in r:
@@ -244,13 +239,6 @@ def prepare(tok, records, max_prompt_len, max_new_tokens, name="test"):
 # Generation. Left-padded batches, one KV cache, the next token drawn from the filtered softmax.
 
 sample = sample_model  # minillm's single-model sampler: KV cache, left padding, exact inverse-CDF draw
-
-
-def decode_response(tok, ids):
-    """Token ids of one response -> (text, length): cut at the first EOS, special tokens skipped, stripped.
-    length counts the tokens before the EOS."""
-    ids = ids[:ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
-    return tok.decode(ids, skip_special_tokens=True).strip(), len(ids)
 
 
 def check_context(model, examples, max_new_tokens):

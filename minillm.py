@@ -579,6 +579,13 @@ def sample_model(model, prompt_ids, prompt_mask, eos_id, pad_id, max_new_tokens,
     return torch.stack(out, dim=1)
 
 
+def decode_response(tok, ids):
+    """Token ids of one response -> (text, length): cut at the first EOS, special tokens skipped, stripped.
+    length counts the tokens before the EOS."""
+    ids = ids[:ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
+    return tok.decode(ids, skip_special_tokens=True).strip(), len(ids)
+
+
 @torch.no_grad()
 def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_id, pad_id, max_new_tokens, alpha=0.2,
                     temperature=1.0, top_p=1.0, top_k=0, dtype=torch.float32, keep_teacher_logits=True,
@@ -693,11 +700,11 @@ def minillm_loss(student, mb, args, n_norm, dtype=torch.float32):
     logp = token_logprobs(logits, mb["tokens"])
     loss_long, clipped = long_term_loss(logp, mb["logp_student"], mb["w"], mb["adv"], args.clip_eps)
     loss = masked_sum(loss_long, mask)
-    stats = {"loss_long": masked_sum(loss_long, mask).item() / n_norm, "clipped": masked_sum(clipped.float(), mask).item()}
+    stats = {"loss_long": loss.item() / n_norm, "clipped": masked_sum(clipped.float(), mask).item()}
     if args.single_step:
-        kl = single_step_kl(logits, mb["teacher_logits"].to(device))
-        loss = loss + masked_sum(kl, mask)
-        stats["loss_single"] = masked_sum(kl, mask).item() / n_norm
+        kl_sum = masked_sum(single_step_kl(logits, mb["teacher_logits"].to(device)), mask)
+        loss = loss + kl_sum
+        stats["loss_single"] = kl_sum.item() / n_norm
     return loss / n_norm, stats
 
 
@@ -1270,9 +1277,7 @@ def teacher_responses(model, tok, prompts, args, dtype, desc="seqkd: teacher sam
         ids, attn = (x.to(args.device) for x in collate_prompts(prompts[i:i + args.gen_batch_size], tok.pad_token_id))
         out = sample_model(model, ids, attn, tok.eos_token_id, tok.pad_token_id, args.max_new_tokens, args.temperature,
                            args.top_p, args.top_k, dtype=dtype)
-        for row in out.tolist():
-            row = row[:row.index(tok.eos_token_id)] if tok.eos_token_id in row else row  # cut at the first EOS
-            texts.append(tok.decode(row, skip_special_tokens=True).strip())
+        texts += [decode_response(tok, row)[0] for row in out.tolist()]
     return texts
 
 
@@ -1407,8 +1412,7 @@ def demo_eval(paths, teacher_path, test_file, args, dtype, seeds=(10, 20, 30)):
             ids, attn = (x.to(args.device) for x in collate_prompts(prompts, tok.pad_token_id))
             roll = sample_rollouts(model, teacher, ids, attn, tok.eos_token_id, tok.pad_token_id, args.max_new_tokens,
                                    alpha=0.0, dtype=dtype, keep_teacher_logits=False, generator=gen)
-            texts = [tok.decode([t for t, m in zip(row, mrow) if m and t != tok.eos_token_id], skip_special_tokens=True)
-                     for row, mrow in zip(roll["tokens"].tolist(), roll["mask"].tolist())]
+            texts = [decode_response(tok, row)[0] for row in roll["tokens"].tolist()]
             scores.append(rouge_l(texts, [r["output"] for r in recs]))
             kls.append((roll["kl"].sum() / roll["mask"].sum()).item())
             lens.append(roll["mask"].sum(1).mean().item())
@@ -1453,7 +1457,7 @@ def sft_stage(path, init, tok, train, val, args, lr, epochs, dtype, teacher_path
     teacher = None
     if kd_ratio > 0:
         teacher = load_model(teacher_path, args.device, dtype, args.trust_remote_code).eval().requires_grad_(False)
-        check_same_vocab(load_tokenizer(teacher_path, args.trust_remote_code), tok, n_logits(teacher), n_logits(model))
+        assert n_logits(teacher) == n_logits(model), "vocabularies were checked at start-up (check_teacher_vocab)"
     sft(model, tok, train, val, path, args, lr, epochs, dtype, teacher, kd_ratio, resume)
     return path
 
@@ -1529,7 +1533,7 @@ def run(args):
     resume = find_checkpoint(Path(minillm_path) / "ckpt")
     teacher = load_model(teacher_path, args.device, dtype, args.trust_remote_code).eval().requires_grad_(False)
     student = load_model(resume or student_path, args.device, torch.float32, args.trust_remote_code)
-    check_same_vocab(load_tokenizer(teacher_path, args.trust_remote_code), tok, n_logits(teacher), n_logits(student))
+    assert n_logits(teacher) == n_logits(student), "vocabularies were checked at start-up (check_teacher_vocab)"
     pt_stream = None
     if args.pt_data != "none" and args.pt_coef > 0:  # each rank reads every world()-th chunk
         pt_stream = islice(pt_chunks(args.pt_data, tok, args.pt_seq_len, args.seed), rank(), None, world())

@@ -33,7 +33,6 @@ WORDS = ("the a cat dog sat on mat ran to park red blue green big small one two 
 
 def word_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers.models.gpt2 import tokenization_gpt2  # noqa: F401  (keeps transformers' import order)
     specials = ["<pad>", "<eos>", "<unk>"]
     prompt_words = M.build_prompt("x", "y").replace("\n", " ").replace(":", " : ").replace(".", " . ").replace(",", " , ").split()
     vocab = {w: i for i, w in enumerate(dict.fromkeys(specials + prompt_words + WORDS + ["#", ":", ".", ","]))}
@@ -388,7 +387,6 @@ def distill_args(tmp_path, **kw):
 def test_teacher_runs_once_per_rollout_token(tmp_path, tok, monkeypatch):
     student, teacher = tiny_gpt2(len(tok), 14, scale=5.0), tiny_gpt2(len(tok), 15, scale=5.0).requires_grad_(False)
     calls = []
-    teacher.register_forward_hook(lambda mod, inp, kw_out: None)
     teacher.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True)
     bufs = []
     orig = M.collect_rollouts
