@@ -59,6 +59,7 @@ RECIPES = {
 }
 
 
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("models and data")
@@ -119,10 +120,6 @@ def build_parser():
         g.add_argument("--" + name.replace("_", "-"), default=None, help=f"paper: {paper}, lmops: {lmops}", **kind)
     g.add_argument("--teacher-logits-offload", action="store_true", help="keep the rollout buffer's teacher logits in CPU memory")
 
-    g = p.add_argument_group("demo (offline, CPU, minutes): synthetic tasks, tiny models, every method")
-    g.add_argument("--demo", action="store_true", help="run the whole story on generated data with tiny models; other flags apply on top")
-    g.add_argument("--quick", action="store_true", help="with --demo: a shortened run (well under a minute), for CI")
-
     g = p.add_argument_group("system")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
@@ -140,20 +137,13 @@ def build_parser():
     return p
 
 
-# --demo changes these defaults; flags given on the command line still win. "demo" = generated in OUT/demo.
-DEMO = dict(teacher="demo", student="demo", data="demo", pt_data="demo", out="out-demo", device="cpu", val_size=200,
-            max_prompt_len=64, max_len=96, max_new_tokens=16, teacher_lr=2e-3, teacher_epochs=12, student_lr=2e-3,
-            student_epochs=6, sft_batch_size=32, sft_micro_batch_size=32, min_lr=1e-4, steps=240, lr=5e-4,
-            warmup_steps=10, batch_size=32, micro_batch_size=32, rollouts=64, gen_batch_size=64, pt_batch_size=8,
-            pt_seq_len=64, pt_coef=0.1, log_interval=10)
-QUICK = dict(teacher_epochs=3, student_epochs=3, steps=32, rollouts=64, gen_batch_size=64, log_interval=4)
-
 
 def die(msg):
     """Bad input: one line on stderr and exit status 2 (as argparse), no traceback. Every input is checked
     before the run folder is touched, so a typo never damages a run."""
     print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.exit(2)
+
 
 
 POSITIVE = ["val_size", "max_prompt_len", "max_len", "max_new_tokens", "teacher_lr", "teacher_epochs", "student_lr",
@@ -163,6 +153,7 @@ POSITIVE = ["val_size", "max_prompt_len", "max_len", "max_new_tokens", "teacher_
 NON_NEGATIVE = ["sft_max_steps", "sft_weight_decay", "min_lr", "warmup_steps", "weight_decay", "clip_eps", "top_k",
                 "pt_coef", "reward_clip", "save_interval", "stop_after"]
 UNIT_INTERVAL = ["alpha", "kd_ratio", "seqkd_kd_ratio", "pt_kd_ratio", "gamma"]  # mixing weights and the discount
+
 
 
 def check_args(args):
@@ -180,11 +171,11 @@ def check_args(args):
         die(f"--top-p must be in (0, 1], got {args.top_p}")
 
 
-def parse_args(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
-    if "--demo" in argv:
-        parser.set_defaults(**{**DEMO, **(QUICK if "--quick" in argv else {})})
+
+def parse_args(argv=None, defaults=None, parser=None):
+    """defaults: other defaults for some flags (demo.py's); flags given on the command line still win."""
+    parser = parser or build_parser()
+    parser.set_defaults(**(defaults or {}))
     args = parser.parse_args(argv)
     for name, (paper, lmops) in RECIPES.items():  # a flag given explicitly wins over the recipe
         if getattr(args, name) is None:
@@ -192,6 +183,10 @@ def parse_args(argv=None):
     check_args(args)
     return args
 
+
+
+# ==================================== THE METHOD, lines A-B ====================================
+# From the first equation to the distillation loop: everything MiniLLM is, in reading order.
 
 # ----------------------------------------------------------------------------------------------------
 # The math. Pure functions of tensors; B = batch, N = response length, V = vocabulary.
@@ -203,9 +198,11 @@ def upcast(x):
     return x.float() if x.element_size() < 4 else x
 
 
+
 def token_logprobs(logits, tokens):
     """log softmax(logits)[y_t]: (B, N, V), (B, N) -> (B, N), in at least fp32."""
     return torch.log_softmax(upcast(logits), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
 
 
 def mixture_logprobs(logp_student, logp_teacher, alpha):
@@ -217,9 +214,11 @@ def mixture_logprobs(logp_student, logp_teacher, alpha):
     return torch.logaddexp(logp_teacher + math.log(alpha), logp_student + math.log1p(-alpha))
 
 
+
 def importance_weights(logp_student, logp_mix):
     """w_t = q_θ(y_t) / p~(y_t): corrects for sampling from the mixture (per token, as the paper)."""
     return torch.exp(logp_student - logp_mix)
+
 
 
 def rewards(logp_teacher, logp_student_old, mask, scale=1.0, clip=0.0):
@@ -228,6 +227,7 @@ def rewards(logp_teacher, logp_student_old, mask, scale=1.0, clip=0.0):
     if clip > 0:
         r = r.clamp(-clip, clip)
     return r * mask
+
 
 
 def long_term_returns(r, mask, gamma=1.0, include_current=False, length_norm=True):
@@ -254,12 +254,14 @@ def long_term_returns(r, mask, gamma=1.0, include_current=False, length_norm=Tru
     return G * mask
 
 
+
 def whiten(x, mask, eps=1e-8):
     """(x - mean) / std over the response tokens (lmops recipe)."""
     n = mask.sum()
     mean = (x * mask).sum() / n
     var = ((x - mean) ** 2 * mask).sum() / n
     return (x - mean) * torch.rsqrt(var + eps) * mask
+
 
 
 def single_step_kl(logits_student, logits_teacher):
@@ -273,11 +275,13 @@ def single_step_kl(logits_student, logits_teacher):
     return (logq.exp() * (logq - logp)).sum(-1)
 
 
+
 def forward_kl(logits_student, logits_teacher):
     """KL(p || q_θ) = Σ_v p(v) [log p(v) - log q_θ(v)] at every position, (B, N): word-level KD."""
     logq = torch.log_softmax(upcast(logits_student), dim=-1)
     logp = torch.log_softmax(upcast(logits_teacher.detach()), dim=-1)
     return (logp.exp() * (logp - logq)).sum(-1)
+
 
 
 def long_term_loss(logp_student, logp_student_old, w, advantages, clip_eps=0.2):
@@ -295,8 +299,10 @@ def long_term_loss(logp_student, logp_student_old, w, advantages, clip_eps=0.2):
     return torch.maximum(loss, loss_clipped), loss_clipped > loss
 
 
+
 def masked_sum(x, mask):
     return (x * mask).sum()
+
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -309,55 +315,12 @@ PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with
                      "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
 
 
+
 def build_prompt(instruction, input=""):
     if input:
         return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
     return PROMPT.format(instruction=instruction)
 
-
-def load_records(spec, split="train", required=()):
-    """A local .jsonl (one object per line) or a hub dataset name -> list of dicts, each with the `required` keys.
-    Bad input stops with the file and line number."""
-    if os.path.exists(spec):
-        rows = []
-        with open(spec) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    die(f"{spec}:{n}: not valid JSON ({e.msg}); fix or delete that line")
-                check_record(rows[-1], required, f"{spec}:{n}")
-        return rows
-    if looks_like_a_path(spec):
-        die(f"data file {spec} not found; give an existing .jsonl file (one JSON object per line) or a hub dataset name")
-    import datasets  # imported lazily: only the hub path needs it
-    try:
-        rows = list(datasets.load_dataset(spec, split=split))
-    except Exception as e:  # offline, a typo, no such split: `datasets` raises many unrelated types
-        die(f"cannot load the dataset {spec!r} ({type(e).__name__}: {first_line(e)}); give a local .jsonl file, "
-            "or check the name and the network")
-    for i, rec in enumerate(rows):
-        check_record(rec, required, f"{spec} record {i}")
-    return rows
-
-
-def looks_like_a_path(spec):
-    return spec.endswith((".jsonl", ".json", ".txt")) or spec.startswith((".", "/", "~"))
-
-
-def first_line(e):
-    return (str(e).strip().splitlines() or [""])[0][:300]
-
-
-def check_record(rec, required, where):
-    if not isinstance(rec, dict):
-        die(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    # `prompt` (an already formatted prompt, as some test sets have) stands in for `instruction`
-    missing = [k for k in required if k not in rec and not (k == "instruction" and "prompt" in rec)]
-    if missing:
-        die(f"{where}: the record has no {missing[0]!r} field; every record needs {' and '.join(map(repr, required))}")
 
 
 def tokenize_example(tok, rec, max_prompt_len, max_len):
@@ -376,6 +339,7 @@ def tokenize_example(tok, rec, max_prompt_len, max_len):
     return prompt_ids, response_ids
 
 
+
 def tokenize_dataset(tok, records, max_prompt_len, max_len, name="data"):
     out = [tokenize_example(tok, r, max_prompt_len, max_len) for r in records]
     kept = [x for x in out if x is not None]
@@ -384,6 +348,7 @@ def tokenize_dataset(tok, records, max_prompt_len, max_len, name="data"):
         die(f"{name}: no examples left: all {len(out)} prompts are longer than --max-prompt-len {max_prompt_len} tokens; "
             "raise --max-prompt-len or check the data")
     return kept
+
 
 
 def collate_sft(examples, pad_id):
@@ -401,6 +366,7 @@ def collate_sft(examples, pad_id):
     return ids, attn, labels
 
 
+
 def collate_prompts(prompts, pad_id):
     """Left-padded prompts, so every sequence's next token is generated at the same column."""
     P = max(len(p) for p in prompts)
@@ -410,6 +376,7 @@ def collate_prompts(prompts, pad_id):
         ids[i, P - len(p):] = torch.tensor(p)
         attn[i, P - len(p):] = 1
     return ids, attn
+
 
 
 def pt_chunks(spec, tok, seq_len, seed=0):
@@ -437,52 +404,9 @@ def pt_chunks(spec, tok, seq_len, seed=0):
             die(f"pre-training corpus {spec} is empty; give a non-empty --pt-data, or --pt-data none")
 
 
+
 # ----------------------------------------------------------------------------------------------------
-# Models.
-
-def resolve_dtype(args):
-    if args.dtype == "auto":
-        return torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-
-
-def cannot_load(name, e):
-    die(f"cannot load {name!r} ({first_line(e)}); give a local folder with config.json, or check the name and the "
-        "network (HF_HUB_OFFLINE=1 uses the local cache only)")
-
-
-def load_tokenizer(name, trust_remote_code=False):
-    from transformers import AutoTokenizer
-    try:
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:  # not on disk, not on the hub, offline, needs remote code
-        cannot_load(name, e)
-    if tok.eos_token_id is None:
-        die(f"the tokenizer of {name} has no EOS token; MiniLLM needs one to end responses (set eos_token in its tokenizer_config.json)")
-    if tok.pad_token_id is None:  # padding is always masked by attention_mask, never by comparing ids
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def load_config(name, trust_remote_code=False):
-    from transformers import AutoConfig
-    try:
-        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        cannot_load(name, e)
-
-
-def load_model(name, device, dtype=torch.float32, trust_remote_code=False):
-    """Weights in `dtype`. Trained models stay fp32 (master weights) and run under bf16 autocast:
-    pure-bf16 weights would lose AdamW updates at lr 5e-6. We save safetensors; transformers reads an older
-    pytorch_model.bin with torch.load(weights_only=True), so no checkpoint can run code either way."""
-    from transformers import AutoModelForCausalLM
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        cannot_load(name, e)
-    return model.to(device)
-
+# Forward passes: position ids that respect left padding, bf16 autocast, an optional KV cache.
 
 def autocast(device, dtype):
     if dtype == torch.bfloat16:
@@ -490,29 +414,16 @@ def autocast(device, dtype):
     return nullcontext()
 
 
-def check_same_vocab(tok_t, tok_s, vt, vs):
-    """MiniLLM compares p and q_θ token by token: both must index the same vocabulary.
-    vt, vs: the number of logits of teacher and student; the tokens are compared on a sample of ~100 ids."""
-    same_ids = all(tok_t.convert_ids_to_tokens(i) == tok_s.convert_ids_to_tokens(i) for i in range(0, len(tok_s), max(1, len(tok_s) // 97)))
-    if vt != vs or len(tok_t) != len(tok_s) or not same_ids:
-        die(f"teacher and student vocabularies differ ({vt} vs {vs} logits, {len(tok_t)} vs {len(tok_s)} tokens"
-            f"{'' if same_ids else ', different tokens at the same ids'}); MiniLLM needs a shared tokenizer: pick a teacher "
-            "and a student of the same family")
-
-
-def check_teacher_vocab(teacher, tok, args):
-    """Before any training: configs and tokenizer only, no weights are loaded."""
-    vt, vs = (load_config(n, args.trust_remote_code).get_text_config().vocab_size for n in (teacher, args.student))
-    check_same_vocab(load_tokenizer(teacher, args.trust_remote_code), tok, vt, vs)
-
 
 def n_logits(model):
     return model.get_output_embeddings().weight.shape[0]
 
 
+
 def position_ids_from(attention_mask):
     """With left padding, positions count real tokens only: pads get 0, the first real token 0, ..."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
 
 
 def forward(model, input_ids, attention_mask, cache=None, logits_to_keep=0):
@@ -526,6 +437,7 @@ def forward(model, input_ids, attention_mask, cache=None, logits_to_keep=0):
         kw.update({name: cache, "use_cache": True})
     pos = position_ids_from(attention_mask)[:, -input_ids.shape[1]:]
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, **kw).logits
+
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -545,6 +457,7 @@ def filter_probs(probs, top_k=0, top_p=1.0):
     return probs / probs.sum(-1, keepdim=True)
 
 
+
 def draw(probs, generator=None):
     """One token per row of a (B, V) distribution, by inverse CDF: one uniform per row, exact (float64 CDF, no
     rounding bias). torch.multinomial draws V exponentials per row instead: ~10 ms per token at (8, 50257) on
@@ -553,37 +466,6 @@ def draw(probs, generator=None):
     u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)  # first v: cdf_v > u
 
-
-@torch.no_grad()
-def sample_model(model, prompt_ids, prompt_mask, eos_id, pad_id, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-                 greedy=False, dtype=torch.float32, generator=None):
-    """One model alone (evaluation, SeqKD's teacher data): -> (B, N) response tokens, pad_id after the first EOS
-    (the EOS itself kept). Our own loop rather than model.generate, so a checkpoint's generation_config.json
-    (repetition penalty, minimum length, ...) can never slip in."""
-    from transformers import DynamicCache
-    assert not model.training, "sampling runs in eval mode (no dropout)"
-    cache = DynamicCache()
-    with autocast(prompt_ids.device, dtype):
-        z = forward(model, prompt_ids, prompt_mask, cache, logits_to_keep=1)[:, -1].float()  # (B, V)
-    attn, done, out = prompt_mask, torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device), []
-    for t in range(max_new_tokens):
-        y = z.argmax(-1) if greedy else draw(filter_probs(torch.softmax(z / temperature, -1), top_k, top_p), generator)
-        y = torch.where(done, torch.full_like(y, pad_id), y)
-        out.append(y)
-        done = done | (y == eos_id)
-        if done.all() or t == max_new_tokens - 1:
-            break  # no forward for the last token: nothing conditions on it
-        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-        with autocast(prompt_ids.device, dtype):
-            z = forward(model, y[:, None], attn, cache)[:, -1].float()
-    return torch.stack(out, dim=1)
-
-
-def decode_response(tok, ids):
-    """Token ids of one response -> (text, length): cut at the first EOS, special tokens skipped, stripped.
-    length counts the tokens before the EOS."""
-    ids = ids[:ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
-    return tok.decode(ids, skip_special_tokens=True).strip(), len(ids)
 
 
 @torch.no_grad()
@@ -643,8 +525,9 @@ def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_id, pad_id, m
     return out
 
 
+
 # ----------------------------------------------------------------------------------------------------
-# Rollout buffer: a collection of rollouts padded to common shapes, with rewards and advantages.
+# The loss on a rollout buffer: a collection of rollouts padded to common shapes, with rewards and advantages.
 
 def pad_to(x, length, dim, value=0, left=False):
     n = length - x.shape[dim]
@@ -654,6 +537,7 @@ def pad_to(x, length, dim, value=0, left=False):
     shape[dim] = n
     pad = x.new_full(shape, value)
     return torch.cat([pad, x] if left else [x, pad], dim=dim)
+
 
 
 def concat_rollouts(chunks, pad_id):
@@ -669,12 +553,14 @@ def concat_rollouts(chunks, pad_id):
     return out
 
 
+
 def trim(mb):
     """Drop columns that are padding in every row of a minibatch (saves compute, changes nothing)."""
     P = int(mb["prompt_mask"].sum(1).max())
     N = int(mb["mask"].sum(1).max())
     out = {k: v[:, -P:] if k.startswith("prompt") else v[:, :N] for k, v in mb.items()}
     return out
+
 
 
 def student_response_logits(student, mb, dtype):
@@ -685,6 +571,7 @@ def student_response_logits(student, mb, dtype):
     with autocast(ids.device, dtype):  # the LM head on the last N+1 positions only, not on the prompt
         logits = forward(student, ids, attn, logits_to_keep=N + 1)  # (B, N+1, V): positions P-1 .. P+N-1
     return logits[:, :-1]
+
 
 
 def minillm_loss(student, mb, args, n_norm, dtype=torch.float32):
@@ -708,9 +595,11 @@ def minillm_loss(student, mb, args, n_norm, dtype=torch.float32):
     return loss / n_norm, stats
 
 
+
 def normaliser(mask, how):
     """token: Σ/(response tokens) as the official code; sequence: Σ over tokens, mean over sequences."""
     return mask.sum().item() if how == "token" else mask.shape[0]
+
 
 
 def pt_loss(student, teacher, chunk, kd_ratio, dtype):
@@ -726,301 +615,6 @@ def pt_loss(student, teacher, chunk, kd_ratio, dtype):
     return (1 - kd_ratio) * lm + kd_ratio * forward_kl(logits, zt).mean()
 
 
-# ----------------------------------------------------------------------------------------------------
-# Logging helpers.
-
-class Logger:
-    """One JSON object per line in log.jsonl, every metric; rank 0 alone writes. `keep`: the lines of an
-    earlier run kept on resume (those written up to the checkpoint); a fresh start keeps none."""
-
-    def __init__(self, path, keep=0):
-        self.f, self.lines = None, keep
-        if not is_main():
-            return
-        old = Path(path).read_text().splitlines(keepends=True)[:keep] if keep and Path(path).exists() else []
-        self.f, self.lines = open(path, "w"), len(old)
-        self.f.writelines(old)
-
-    def log(self, **kv):
-        if self.f is None:
-            return
-        self.f.write(json.dumps(kv) + "\n")
-        self.f.flush()
-        self.lines += 1
-
-
-def plot_curve(log_path, key, png_path, title):
-    """A PNG of one metric against the step, with a moving average (matplotlib is optional)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    rows = [json.loads(line) for line in open(log_path)]
-    xs = [r["step"] for r in rows if key in r]
-    ys = [r[key] for r in rows if key in r]
-    if not ys:
-        return
-    k = max(1, len(ys) // 20)
-    smooth = [sum(ys[max(0, i - k + 1): i + 1]) / len(ys[max(0, i - k + 1): i + 1]) for i in range(len(ys))]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(xs, ys, alpha=0.35, label=key)
-    ax.plot(xs, smooth, label=f"moving average ({k})")
-    ax.set_xlabel("step")
-    ax.set_ylabel(key)
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
-
-
-def save_checkpoint(model, tok, path):
-    """A stage's model as a Hugging Face folder (rank 0). Written to path/.saving first, then moved in file
-    by file with os.replace (atomic), so a kill mid-save never leaves a half-written model.safetensors."""
-    if not is_main():
-        return
-    tmp = Path(path) / ".saving"
-    shutil.rmtree(tmp, ignore_errors=True)
-    unwrap(model).save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    for f in tmp.iterdir():
-        os.replace(f, Path(path) / f.name)
-    tmp.rmdir()
-
-
-def mark_done(path, **info):
-    """The stage is finished: later runs skip it, and its resume checkpoint is no longer needed."""
-    if not is_main():
-        return
-    write_atomic(Path(path) / "done.json", json.dumps(info, indent=1))
-    for suffix in ("", ".old", ".tmp"):  # optimizer moments: twice the model's size, useless from now on
-        shutil.rmtree(Path(path) / ("ckpt" + suffix), ignore_errors=True)
-
-
-def is_done(path):
-    return (Path(path) / "done.json").exists()
-
-
-def write_atomic(path, text):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def set_seed(seed):
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Resumable checkpoints. OUT/stage/ckpt/ holds what a rerun needs to continue as if never stopped:
-#   model.safetensors + config.json   the weights being trained (the stage's best model lives in OUT/stage/)
-#   optimizer.pt                      AdamW moments (read back with torch.load(weights_only=True): no code runs)
-#   state.pt                          step, data position, best val loss, log lines, every rank's RNG states
-# The learning-rate schedule is a function of the step, so the step is all it needs.
-
-def save_train_state(path, model, opt, rng, **state):
-    """Write ckpt.tmp/, then swap it in with two renames. Until the new checkpoint is complete the previous
-    one stays, as ckpt/ or (killed between the renames) ckpt.old/; find_checkpoint looks at both."""
-    rngs = all_gather_objects(rng)  # every rank's RNG states; rank 0 writes them all
-    if is_main():
-        path = Path(path)
-        tmp, old = Path(str(path) + ".tmp"), Path(str(path) + ".old")
-        shutil.rmtree(tmp, ignore_errors=True)
-        unwrap(model).save_pretrained(tmp, safe_serialization=True)
-        torch.save(opt.state_dict(), tmp / "optimizer.pt")
-        torch.save(dict(state, rng=rngs), tmp / "state.pt")  # written last: a folder with state.pt is complete
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)  # path is complete, so an older ckpt.old is not needed
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    barrier()
-
-
-def find_checkpoint(path):
-    """The newest complete resume checkpoint under `path` (OUT/stage/ckpt), or None."""
-    for p in (Path(path), Path(str(path) + ".old")):
-        if (p / "state.pt").exists():
-            return p
-    return None
-
-
-def load_train_state(path, opt, device):
-    """Optimizer moments into `opt`; returns the state dict, with this rank's RNG states already restored."""
-    state = torch.load(Path(path) / "state.pt", weights_only=True)
-    opt.load_state_dict(torch.load(Path(path) / "optimizer.pt", map_location=device, weights_only=True))
-    if len(state["rng"]) != world():
-        die(f"the checkpoint {path} was written by {len(state['rng'])} processes and this run has {world()}; resume with "
-            f"as many (torchrun --nproc_per_node={len(state['rng'])}), or delete {path} to restart the stage")
-    state["rng"] = state["rng"][rank()]
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    if "cuda" in state["rng"]:
-        torch.cuda.set_rng_state(state["rng"]["cuda"])
-    return state
-
-
-def rng_state(**own):
-    """This rank's random states: torch (CPU, CUDA), Python's, and the loop's own generators (`own`)."""
-    s = dict(own, torch=torch.get_rng_state(), python=random.getstate())
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        s["cuda"] = torch.cuda.get_rng_state()
-    return s
-
-
-def checkpoint_step(path):
-    return torch.load(Path(path) / "state.pt", weights_only=True)["step"]
-
-
-def check_finite(stage, step, ckpt_dir, **values):
-    """A NaN/inf loss or gradient norm stops the run before the optimizer step, so the last checkpoint
-    is the last good one. The values are global (all-reduced), so every rank stops together."""
-    bad = [k for k, v in values.items() if not math.isfinite(v)]
-    if bad:
-        ckpt = find_checkpoint(ckpt_dir)
-        kept = f"the last good checkpoint is {ckpt} (step {checkpoint_step(ckpt)})" if ckpt else "no checkpoint was written yet"
-        die(f"{stage}: non-finite {' and '.join(bad)} at step {step}, stopped before the update; {kept}. "
-            "Lower the learning rate or check the data")
-
-
-def maybe_stop(args, stage, steps_done, step):
-    """--stop-after K: exit after K steps of this process in the stage, as if killed (nothing more is saved)."""
-    if args.stop_after and steps_done >= args.stop_after:
-        print(f"{stage}: stopping at step {step} (--stop-after {args.stop_after}); rerun without it to resume", flush=True)
-        sys.exit(3)
-
-
-# Flags that change neither the method nor its numbers beyond float rounding (memory, logging, device):
-# a run folder accepts a rerun that changes them, e.g. a smaller micro-batch after an out-of-memory crash.
-HARMLESS = {"log_interval", "save_interval", "stop_after", "overwrite", "method", "device", "micro_batch_size",
-            "sft_micro_batch_size", "gen_batch_size", "teacher_logits_offload"}
-STAGES = ["teacher-sft", "student-sft", "minillm", "sft", "kd", "seqkd"]
-
-
-def prepare_out(out, args):
-    """Refuse a run folder that holds a run with other arguments: its stages would be skipped or resumed
-    under settings they were not trained with. With --overwrite, its stages are deleted instead."""
-    now = json.loads(json.dumps(vars(args)))
-    old = json.loads((out / "args.json").read_text()) if (out / "args.json").exists() else {}
-    diff = [k for k in now if k in old and k not in HARMLESS and now[k] != old[k]]
-    if diff and not args.overwrite:
-        changes = ", ".join(f"--{k.replace('_', '-')} {old[k]} -> {now[k]}" for k in diff[:4])
-        die(f"{out} holds a run with other arguments ({changes}); rerun with the same arguments to resume, "
-            "use another --out, or add --overwrite to delete that run")
-    if diff and is_main():
-        print(f"--overwrite: deleting the stages of the earlier run in {out}")
-        for name in STAGES:
-            p = out / name
-            if p.is_symlink():
-                p.unlink()
-            elif p.exists():
-                shutil.rmtree(p)
-    barrier()
-    if is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / "args.json", json.dumps(vars(args), indent=1))
-    barrier()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Several processes: `torchrun --nproc_per_node=K minillm.py ...` runs every stage data-parallel (DDP).
-# Every rank holds the whole student and the whole teacher; a global batch is drawn identically on every
-# rank and each rank trains on its share; gradients are all-reduced by DDP. Without torchrun these helpers
-# do nothing, and the single-process code path is exactly the one above.
-
-def dist_on():
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def rank():
-    return torch.distributed.get_rank() if dist_on() else 0
-
-
-def world():
-    return torch.distributed.get_world_size() if dist_on() else 1
-
-
-def is_main():
-    return rank() == 0
-
-
-def barrier():
-    if dist_on():
-        torch.distributed.barrier()
-
-
-def init_distributed(args):
-    """torchrun starts one process per device and sets RANK, LOCAL_RANK and WORLD_SIZE: join the group."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    if args.device.startswith("cuda"):
-        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(args.device)
-    torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    if not is_main():
-        sys.stdout = open(os.devnull, "w")  # rank 0 alone prints; errors (stderr) still show on every rank
-
-
-def comm_device():
-    return torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-
-
-def all_sum(x):
-    """Σ over ranks of a number (or 0-dim tensor), as a float; one process: x itself."""
-    if not dist_on():
-        return x.item() if torch.is_tensor(x) else x
-    t = torch.tensor(float(x), dtype=torch.float64, device=comm_device())
-    torch.distributed.all_reduce(t)
-    return t.item()
-
-
-def all_max(x):
-    if not dist_on():
-        return x.item() if torch.is_tensor(x) else x
-    t = torch.tensor(float(x), dtype=torch.float64, device=comm_device())
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return t.item()
-
-
-def all_gather_objects(obj):
-    """[rank 0's obj, rank 1's obj, ...]; one process: [obj]."""
-    if not dist_on():
-        return [obj]
-    out = [None] * world()
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def wrap_ddp(model, device):
-    """DDP all-reduces (averages) gradients during backward. Buffers are constants here: no broadcast."""
-    if not dist_on():
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None,
-                                   broadcast_buffers=False)
-
-
-def unwrap(model):
-    return getattr(model, "module", model)
-
-
-def grad_sync(model, last):
-    """Accumulate micro-batch gradients locally and all-reduce once, on the step's last backward."""
-    return model.no_sync() if hasattr(model, "no_sync") and not last else nullcontext()
-
-
-def whiten_global(x, mask, eps=1e-8):
-    """whiten() with the mean and variance over every rank's rollouts (lmops recipe)."""
-    if not dist_on():
-        return whiten(x, mask, eps)
-    n = all_sum(mask.sum())
-    mean = all_sum((x * mask).sum()) / n
-    var = all_sum(((x - mean) ** 2 * mask).sum()) / n
-    return (x - mean) * (var + eps) ** -0.5 * mask
-
 
 # ----------------------------------------------------------------------------------------------------
 # SFT: cross-entropy on the gold responses (and, with a teacher, word-level KD). Phase 1 of MiniLLM.
@@ -1030,6 +624,7 @@ def cosine_lr(step, total, lr, min_lr, warmup=0):
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
 
 
 def sft_loss(model, ids, attn, labels, dtype, teacher=None, kd_ratio=0.0):
@@ -1046,6 +641,7 @@ def sft_loss(model, ids, attn, labels, dtype, teacher=None, kd_ratio=0.0):
     return loss_sum, mask.sum()
 
 
+
 @torch.no_grad()
 def eval_loss(model, data, pad_id, batch_size, dtype, device):
     """Token-mean validation loss; each rank evaluates its share and the sums are all-reduced."""
@@ -1058,6 +654,7 @@ def eval_loss(model, data, pad_id, batch_size, dtype, device):
         total, n = total + s.item(), n + c.item()
     model.train()
     return all_sum(total) / max(all_sum(n), 1)
+
 
 
 def sft_backward(model, batch, n_tokens, pad_id, args, dtype, teacher=None, kd_ratio=0.0):
@@ -1074,6 +671,7 @@ def sft_backward(model, batch, n_tokens, pad_id, args, dtype, teacher=None, kd_r
             (loss_sum / n_tokens * (world() if micro else 0)).backward()
         total += loss_sum.item() if micro else 0.0
     return all_sum(total) / n_tokens
+
 
 
 def sft(model, tok, train, val, out_dir, args, lr, epochs, dtype, teacher=None, kd_ratio=0.0, resume=None):
@@ -1133,8 +731,9 @@ def sft(model, tok, train, val, out_dir, args, lr, epochs, dtype, teacher=None, 
     return best
 
 
+
 # ----------------------------------------------------------------------------------------------------
-# MiniLLM distillation: collect rollouts from p~, then PPO-style epochs over them.
+# MiniLLM distillation: collect rollouts from p~, then PPO-style epochs over them. Phase 2.
 
 @torch.no_grad()
 def collect_rollouts(student, teacher, prompts, args, eos_id, pad_id, dtype, generator=None):
@@ -1159,11 +758,13 @@ def collect_rollouts(student, teacher, prompts, args, eos_id, pad_id, dtype, gen
     return buf
 
 
+
 def rollout_stats(buf, seconds):
     """Per-token means of a collection over every rank's rollouts (for the log only)."""
     n, rows = all_sum(buf["mask"].sum()), all_sum(buf["mask"].shape[0])
     return {"rkl": all_sum(buf["kl"].sum()) / n, "w_mean": all_sum(buf["w"].sum()) / n, "w_max": all_max(buf["w"].max()),
             "len": n / rows, "reward": all_sum(buf["rewards"].sum()) / n, "sample_tok_s": n / seconds}
+
 
 
 def minillm_backward(model, mb, args, dtype, sync=True):
@@ -1184,6 +785,7 @@ def minillm_backward(model, mb, args, dtype, sync=True):
     stats = {k: all_sum(v) / world() for k, v in stats.items()}  # each rank holds world·(its sum)/(global count)
     stats["clip_frac"] = all_sum(clipped) / all_sum(mb["mask"].sum())
     return stats
+
 
 
 def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None, resume=None):
@@ -1265,8 +867,47 @@ def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None
     barrier()  # the other ranks wait for rank 0's files
 
 
+
+# ====================================== END OF THE METHOD ======================================
+
+
 # ----------------------------------------------------------------------------------------------------
-# Baselines (NOTES §4): SeqKD needs the teacher's own answers to the training prompts.
+# Baselines (NOTES §4) and single-model sampling: SeqKD needs the teacher's own answers to the training
+# prompts; eval.py samples each model alone with the same loop.
+
+@torch.no_grad()
+def sample_model(model, prompt_ids, prompt_mask, eos_id, pad_id, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+                 greedy=False, dtype=torch.float32, generator=None):
+    """One model alone (evaluation, SeqKD's teacher data): -> (B, N) response tokens, pad_id after the first EOS
+    (the EOS itself kept). Our own loop rather than model.generate, so a checkpoint's generation_config.json
+    (repetition penalty, minimum length, ...) can never slip in."""
+    from transformers import DynamicCache
+    assert not model.training, "sampling runs in eval mode (no dropout)"
+    cache = DynamicCache()
+    with autocast(prompt_ids.device, dtype):
+        z = forward(model, prompt_ids, prompt_mask, cache, logits_to_keep=1)[:, -1].float()  # (B, V)
+    attn, done, out = prompt_mask, torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device), []
+    for t in range(max_new_tokens):
+        y = z.argmax(-1) if greedy else draw(filter_probs(torch.softmax(z / temperature, -1), top_k, top_p), generator)
+        y = torch.where(done, torch.full_like(y, pad_id), y)
+        out.append(y)
+        done = done | (y == eos_id)
+        if done.all() or t == max_new_tokens - 1:
+            break  # no forward for the last token: nothing conditions on it
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+        with autocast(prompt_ids.device, dtype):
+            z = forward(model, y[:, None], attn, cache)[:, -1].float()
+    return torch.stack(out, dim=1)
+
+
+
+def decode_response(tok, ids):
+    """Token ids of one response -> (text, length): cut at the first EOS, special tokens skipped, stripped.
+    length counts the tokens before the EOS."""
+    ids = ids[:ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
+    return tok.decode(ids, skip_special_tokens=True).strip(), len(ids)
+
+
 
 @torch.no_grad()
 def teacher_responses(model, tok, prompts, args, dtype, desc="seqkd: teacher samples"):
@@ -1279,6 +920,7 @@ def teacher_responses(model, tok, prompts, args, dtype, desc="seqkd: teacher sam
                            args.top_p, args.top_k, dtype=dtype)
         texts += [decode_response(tok, row)[0] for row in out.tolist()]
     return texts
+
 
 
 def seqkd_data(teacher_path, tok, train_rec, path, args, dtype):
@@ -1303,143 +945,6 @@ def seqkd_data(teacher_path, tok, train_rec, path, args, dtype):
     return rows
 
 
-# ----------------------------------------------------------------------------------------------------
-# The demo: a synthetic instruction-following task, tiny GPT-2s built from configs, every method, one table.
-# Several task families; three of them have many correct answers (any color, any two animals, any of four
-# sentences), which is where forward KL (SFT, KD) spreads mass between modes and reverse KL picks modes.
-
-COLORS = "red blue green yellow purple".split()
-ANIMALS = "cat dog cow fox owl".split()
-OPPOSITES = {"hot": "cold", "big": "small", "up": "down", "fast": "slow", "old": "new", "day": "night"}
-SENTENCES = ["the {} is big", "the {} can run fast", "the {} likes the park", "a {} sat on the mat"]
-
-
-def demo_example(rng):
-    """One {instruction, input, output, refs} record; `refs` lists every correct answer."""
-    family = rng.choice(["color", "animals", "sentence", "count", "reverse", "opposite"])
-    if family == "color":
-        out = rng.choice(COLORS)
-        return dict(instruction="Name a color.", input="", output=out, refs=COLORS)
-    if family == "animals":
-        a, b = rng.sample(ANIMALS, 2)
-        return dict(instruction="Name two animals.", input="", output=f"{a} and {b}",
-                    refs=[f"{x} and {y}" for x in ANIMALS for y in ANIMALS if x != y])
-    if family == "sentence":
-        a = rng.choice(ANIMALS)
-        return dict(instruction=f"Write a short sentence about the {a}.", input="", output=rng.choice(SENTENCES).format(a),
-                    refs=[t.format(a) for t in SENTENCES])
-    if family == "count":
-        lo = rng.randint(0, 5)
-        out = " ".join(str(i) for i in range(lo, lo + rng.randint(3, 5)))
-        return dict(instruction=f"Count from {out[0]} to {out[-1]}.", input="", output=out, refs=[out])
-    if family == "reverse":
-        words = rng.sample(COLORS + ANIMALS, 3)
-        out = " ".join(reversed(words))
-        return dict(instruction="Reverse the words.", input=" ".join(words), output=out, refs=[out])
-    word = rng.choice(list(OPPOSITES) + list(OPPOSITES.values()))
-    out = OPPOSITES.get(word) or next(k for k, v in OPPOSITES.items() if v == word)
-    return dict(instruction=f"What is the opposite of {word}?", input="", output=out, refs=[out])
-
-
-def demo_tokenizer(texts):
-    """A word-level tokenizer over the demo's words (offline, tiny vocabulary, exact round trips)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    pre = pre_tokenizers.Whitespace()
-    words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(t)})
-    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>"] + words)}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
-
-
-def prepare_demo(args):
-    """Write the demo's data, tokenizer and initial models under OUT/demo and point the flags at them."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    root = Path(args.out) / "demo"
-    rng = random.Random(args.seed)
-    sets = {"val": 200, "train": 600 if args.quick else 2000, "test": 100 if args.quick else 300}
-    recs = {k: [demo_example(rng) for _ in range(n)] for k, n in sets.items()}
-    root.mkdir(parents=True, exist_ok=True)
-    write = lambda path, rows: Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))  # noqa: E731
-    write(root / "data.jsonl", recs["val"] + recs["train"])  # the first --val-size records are validation
-    write(root / "test.jsonl", [dict(r, output=r["refs"]) for r in recs["test"]])  # every correct answer is a reference
-    # The demo's pre-training corpus: plain sentences of the same world, without the template. As GPT-2 was
-    # pre-trained on WebText before SFT, both demo models are pre-trained on it (packed chunks, the same stream
-    # L_PT reads) before their SFT; L_PT then keeps the student close to text it already knows, as in the paper.
-    docs = [f"{r['instruction']} {r['input']} {r['output']}.".replace("  ", " ") for r in
-            (demo_example(rng) for _ in range(4000 if args.quick else 20000))]
-    write(root / "pt.jsonl", [{"text": d} for d in docs])
-    tok = demo_tokenizer(docs + [build_prompt(r["instruction"], r["input"]) + r["output"] for rs in recs.values() for r in rs])
-    shapes = {"teacher": dict(n_layer=4, n_embd=96, n_head=4), "student": dict(n_layer=2, n_embd=64, n_head=2)}  # 4x the parameters
-    for name, shape in shapes.items():
-        if getattr(args, name) != "demo":
-            continue
-        path = root / f"{name}-init"
-        if not (path / "config.json").exists():
-            torch.manual_seed(args.seed + len(name))
-            cfg = GPT2Config(vocab_size=len(tok), n_positions=128, bos_token_id=tok.eos_token_id,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **shape)
-            save_checkpoint(GPT2LMHeadModel(cfg), tok, path)
-        n_chunks = sum(len(d.split()) for d in docs) // args.pt_seq_len  # fewer than one pass over the corpus
-        chunks = [([], c.tolist()) for c in islice(pt_chunks(str(root / "pt.jsonl"), tok, args.pt_seq_len), n_chunks)]
-        lr = args.teacher_lr if name == "teacher" else args.student_lr  # no prompt: every token is a target
-        pre = sft_stage(str(root / f"{name}-pretrain"), str(path), tok, chunks[n_chunks // 20:], chunks[:n_chunks // 20],
-                        args, lr, 1, resolve_dtype(args))
-        setattr(args, name, pre)
-    if args.data == "demo":
-        args.data = str(root / "data.jsonl")
-    if args.pt_data == "demo":
-        args.pt_data = str(root / "pt.jsonl")
-    return root / "test.jsonl"
-
-
-@torch.no_grad()
-def demo_eval(paths, teacher_path, test_file, args, dtype, seeds=(10, 20, 30)):
-    """Held-out table: Rouge-L of sampled answers (τ = 1, max over the correct answers, mean over seeds),
-    and the reverse KL(q||p) per token measured on each model's own samples (α = 0)."""
-    from eval import rouge_l
-    tok = load_tokenizer(teacher_path)
-    recs = load_records(test_file)
-    prompts = [tokenize_example(tok, r, args.max_prompt_len, args.max_len)[0] for r in recs]
-    teacher = load_model(teacher_path, args.device, dtype).eval()
-    rows = {}
-    for name, path in paths.items():
-        model = load_model(path, args.device, dtype).eval()
-        scores, kls, lens = [], [], []
-        for seed in seeds:
-            gen = torch.Generator(device=args.device).manual_seed(seed)
-            ids, attn = (x.to(args.device) for x in collate_prompts(prompts, tok.pad_token_id))
-            roll = sample_rollouts(model, teacher, ids, attn, tok.eos_token_id, tok.pad_token_id, args.max_new_tokens,
-                                   alpha=0.0, dtype=dtype, keep_teacher_logits=False, generator=gen)
-            texts = [decode_response(tok, row)[0] for row in roll["tokens"].tolist()]
-            scores.append(rouge_l(texts, [r["output"] for r in recs]))
-            kls.append((roll["kl"].sum() / roll["mask"].sum()).item())
-            lens.append(roll["mask"].sum(1).mean().item())
-        rows[name] = dict(rouge_l=sum(scores) / len(scores), rouge_l_std=float(torch.tensor(scores).std()) if len(scores) > 1 else 0.0,
-                          reverse_kl=sum(kls) / len(kls), length=sum(lens) / len(lens), example=texts[:3])
-    return rows
-
-
-def run_demo(args):
-    """Every method on the demo task, then one table on the held-out prompts."""
-    t0 = time.time()
-    test_file = prepare_demo(args)
-    for method in ["minillm", "sft", "kd", "seqkd"]:
-        args.method = method
-        run(args)
-    out = Path(args.out)
-    paths = {"teacher": out / "teacher-sft", "SFT": out / "student-sft", "KD": out / "kd", "SeqKD": out / "seqkd",
-             "MiniLLM": out / "minillm"}
-    rows = demo_eval(paths, str(out / "teacher-sft"), test_file, args, resolve_dtype(args))
-    lines = ["| model | Rouge-L (held out) | reverse KL(q‖p) per token | mean length |", "|---|---|---|---|"]
-    lines += [f"| {k} | {r['rouge_l']:.1f} ± {r['rouge_l_std']:.1f} | {r['reverse_kl']:.3f} | {r['length']:.1f} |" for k, r in rows.items()]
-    table = "\n".join(lines)
-    print("\n" + table + f"\n\ndemo finished in {time.time() - t0:.0f} s; reverse-KL curve: {out / 'minillm' / 'reverse_kl.png'}")
-    (out / "demo_results.md").write_text(table + "\n")
-    (out / "demo_results.json").write_text(json.dumps(rows, indent=1))
-    return rows
-
 
 # ----------------------------------------------------------------------------------------------------
 # main: the stages. minillm: teacher SFT -> student SFT -> MiniLLM. Baselines share the same stages:
@@ -1462,17 +967,15 @@ def sft_stage(path, init, tok, train, val, args, lr, epochs, dtype, teacher_path
     return path
 
 
+
 def main(argv=None):
     args = parse_args(argv)
     init_distributed(args)
-    if args.demo:
-        if world() > 1:
-            die("--demo runs in one process; under torchrun give --teacher, --student and --data")
-        return run_demo(args)
     result = run(args)
     if dist_on():
         torch.distributed.destroy_process_group()
     return result
+
 
 
 def run(args):
@@ -1542,6 +1045,7 @@ def run(args):
     print(f"done: {minillm_path}")
 
 
+
 def check_world(args, n_train):
     """Under DDP a global batch is split evenly: each rank trains on batch/world rollouts (and PT chunks)."""
     w = world()
@@ -1554,11 +1058,463 @@ def check_world(args, n_train):
         die(f"{n_train} training examples for {w} processes; use fewer processes or more data")
 
 
+
 def check_pt_data(args):
     """A local L_PT corpus that is not there would only fail at the first distillation step, hours in."""
     used = args.method == "minillm" and args.pt_data != "none" and args.pt_coef > 0
     if used and looks_like_a_path(args.pt_data) and not os.path.exists(args.pt_data):
         die(f"pre-training corpus {args.pt_data} not found; give an existing .txt/.jsonl file, a hub dataset, or --pt-data none")
+
+
+
+# ========================================== PLUMBING ==========================================
+# Loading, logging, checkpoints and resume, several processes. A first reader can stop here.
+
+# ----------------------------------------------------------------------------------------------------
+# Loading: local files or hub names -> records, tokenizers, models. Bad input ends in one line (die).
+
+def load_records(spec, split="train", required=()):
+    """A local .jsonl (one object per line) or a hub dataset name -> list of dicts, each with the `required` keys.
+    Bad input stops with the file and line number."""
+    if os.path.exists(spec):
+        rows = []
+        with open(spec) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    die(f"{spec}:{n}: not valid JSON ({e.msg}); fix or delete that line")
+                check_record(rows[-1], required, f"{spec}:{n}")
+        return rows
+    if looks_like_a_path(spec):
+        die(f"data file {spec} not found; give an existing .jsonl file (one JSON object per line) or a hub dataset name")
+    import datasets  # imported lazily: only the hub path needs it
+    try:
+        rows = list(datasets.load_dataset(spec, split=split))
+    except Exception as e:  # offline, a typo, no such split: `datasets` raises many unrelated types
+        die(f"cannot load the dataset {spec!r} ({type(e).__name__}: {first_line(e)}); give a local .jsonl file, "
+            "or check the name and the network")
+    for i, rec in enumerate(rows):
+        check_record(rec, required, f"{spec} record {i}")
+    return rows
+
+
+
+def looks_like_a_path(spec):
+    return spec.endswith((".jsonl", ".json", ".txt")) or spec.startswith((".", "/", "~"))
+
+
+
+def first_line(e):
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+
+def check_record(rec, required, where):
+    if not isinstance(rec, dict):
+        die(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    # `prompt` (an already formatted prompt, as some test sets have) stands in for `instruction`
+    missing = [k for k in required if k not in rec and not (k == "instruction" and "prompt" in rec)]
+    if missing:
+        die(f"{where}: the record has no {missing[0]!r} field; every record needs {' and '.join(map(repr, required))}")
+
+
+
+def resolve_dtype(args):
+    if args.dtype == "auto":
+        return torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+
+
+
+def cannot_load(name, e):
+    die(f"cannot load {name!r} ({first_line(e)}); give a local folder with config.json, or check the name and the "
+        "network (HF_HUB_OFFLINE=1 uses the local cache only)")
+
+
+
+def load_tokenizer(name, trust_remote_code=False):
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:  # not on disk, not on the hub, offline, needs remote code
+        cannot_load(name, e)
+    if tok.eos_token_id is None:
+        die(f"the tokenizer of {name} has no EOS token; MiniLLM needs one to end responses (set eos_token in its tokenizer_config.json)")
+    if tok.pad_token_id is None:  # padding is always masked by attention_mask, never by comparing ids
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+
+def load_config(name, trust_remote_code=False):
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        cannot_load(name, e)
+
+
+
+def load_model(name, device, dtype=torch.float32, trust_remote_code=False):
+    """Weights in `dtype`. Trained models stay fp32 (master weights) and run under bf16 autocast:
+    pure-bf16 weights would lose AdamW updates at lr 5e-6. We save safetensors; transformers reads an older
+    pytorch_model.bin with torch.load(weights_only=True), so no checkpoint can run code either way."""
+    from transformers import AutoModelForCausalLM
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        cannot_load(name, e)
+    return model.to(device)
+
+
+
+def check_same_vocab(tok_t, tok_s, vt, vs):
+    """MiniLLM compares p and q_θ token by token: both must index the same vocabulary.
+    vt, vs: the number of logits of teacher and student; the tokens are compared on a sample of ~100 ids."""
+    same_ids = all(tok_t.convert_ids_to_tokens(i) == tok_s.convert_ids_to_tokens(i) for i in range(0, len(tok_s), max(1, len(tok_s) // 97)))
+    if vt != vs or len(tok_t) != len(tok_s) or not same_ids:
+        die(f"teacher and student vocabularies differ ({vt} vs {vs} logits, {len(tok_t)} vs {len(tok_s)} tokens"
+            f"{'' if same_ids else ', different tokens at the same ids'}); MiniLLM needs a shared tokenizer: pick a teacher "
+            "and a student of the same family")
+
+
+
+def check_teacher_vocab(teacher, tok, args):
+    """Before any training: configs and tokenizer only, no weights are loaded."""
+    vt, vs = (load_config(n, args.trust_remote_code).get_text_config().vocab_size for n in (teacher, args.student))
+    check_same_vocab(load_tokenizer(teacher, args.trust_remote_code), tok, vt, vs)
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# Logging and stage folders.
+
+class Logger:
+    """One JSON object per line in log.jsonl, every metric; rank 0 alone writes. `keep`: the lines of an
+    earlier run kept on resume (those written up to the checkpoint); a fresh start keeps none."""
+
+    def __init__(self, path, keep=0):
+        self.f, self.lines = None, keep
+        if not is_main():
+            return
+        old = Path(path).read_text().splitlines(keepends=True)[:keep] if keep and Path(path).exists() else []
+        self.f, self.lines = open(path, "w"), len(old)
+        self.f.writelines(old)
+
+    def log(self, **kv):
+        if self.f is None:
+            return
+        self.f.write(json.dumps(kv) + "\n")
+        self.f.flush()
+        self.lines += 1
+
+
+
+def plot_curve(log_path, key, png_path, title):
+    """A PNG of one metric against the step, with a moving average (matplotlib is optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(line) for line in open(log_path)]
+    xs = [r["step"] for r in rows if key in r]
+    ys = [r[key] for r in rows if key in r]
+    if not ys:
+        return
+    k = max(1, len(ys) // 20)
+    smooth = [sum(ys[max(0, i - k + 1): i + 1]) / len(ys[max(0, i - k + 1): i + 1]) for i in range(len(ys))]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(xs, ys, alpha=0.35, label=key)
+    ax.plot(xs, smooth, label=f"moving average ({k})")
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+
+
+
+def save_checkpoint(model, tok, path):
+    """A stage's model as a Hugging Face folder (rank 0). Written to path/.saving first, then moved in file
+    by file with os.replace (atomic), so a kill mid-save never leaves a half-written model.safetensors."""
+    if not is_main():
+        return
+    tmp = Path(path) / ".saving"
+    shutil.rmtree(tmp, ignore_errors=True)
+    unwrap(model).save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    for f in tmp.iterdir():
+        os.replace(f, Path(path) / f.name)
+    tmp.rmdir()
+
+
+
+def mark_done(path, **info):
+    """The stage is finished: later runs skip it, and its resume checkpoint is no longer needed."""
+    if not is_main():
+        return
+    write_atomic(Path(path) / "done.json", json.dumps(info, indent=1))
+    for suffix in ("", ".old", ".tmp"):  # optimizer moments: twice the model's size, useless from now on
+        shutil.rmtree(Path(path) / ("ckpt" + suffix), ignore_errors=True)
+
+
+
+def is_done(path):
+    return (Path(path) / "done.json").exists()
+
+
+
+def write_atomic(path, text):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+
+def set_seed(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resumable checkpoints. OUT/stage/ckpt/ holds what a rerun needs to continue as if never stopped:
+#   model.safetensors + config.json   the weights being trained (the stage's best model lives in OUT/stage/)
+#   optimizer.pt                      AdamW moments (read back with torch.load(weights_only=True): no code runs)
+#   state.pt                          step, data position, best val loss, log lines, every rank's RNG states
+# The learning-rate schedule is a function of the step, so the step is all it needs.
+
+
+def save_train_state(path, model, opt, rng, **state):
+    """Write ckpt.tmp/, then swap it in with two renames. Until the new checkpoint is complete the previous
+    one stays, as ckpt/ or (killed between the renames) ckpt.old/; find_checkpoint looks at both."""
+    rngs = all_gather_objects(rng)  # every rank's RNG states; rank 0 writes them all
+    if is_main():
+        path = Path(path)
+        tmp, old = Path(str(path) + ".tmp"), Path(str(path) + ".old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrap(model).save_pretrained(tmp, safe_serialization=True)
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        torch.save(dict(state, rng=rngs), tmp / "state.pt")  # written last: a folder with state.pt is complete
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)  # path is complete, so an older ckpt.old is not needed
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+
+def find_checkpoint(path):
+    """The newest complete resume checkpoint under `path` (OUT/stage/ckpt), or None."""
+    for p in (Path(path), Path(str(path) + ".old")):
+        if (p / "state.pt").exists():
+            return p
+    return None
+
+
+
+def load_train_state(path, opt, device):
+    """Optimizer moments into `opt`; returns the state dict, with this rank's RNG states already restored."""
+    state = torch.load(Path(path) / "state.pt", weights_only=True)
+    opt.load_state_dict(torch.load(Path(path) / "optimizer.pt", map_location=device, weights_only=True))
+    if len(state["rng"]) != world():
+        die(f"the checkpoint {path} was written by {len(state['rng'])} processes and this run has {world()}; resume with "
+            f"as many (torchrun --nproc_per_node={len(state['rng'])}), or delete {path} to restart the stage")
+    state["rng"] = state["rng"][rank()]
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if "cuda" in state["rng"]:
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    return state
+
+
+
+def rng_state(**own):
+    """This rank's random states: torch (CPU, CUDA), Python's, and the loop's own generators (`own`)."""
+    s = dict(own, torch=torch.get_rng_state(), python=random.getstate())
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        s["cuda"] = torch.cuda.get_rng_state()
+    return s
+
+
+
+def checkpoint_step(path):
+    return torch.load(Path(path) / "state.pt", weights_only=True)["step"]
+
+
+
+def check_finite(stage, step, ckpt_dir, **values):
+    """A NaN/inf loss or gradient norm stops the run before the optimizer step, so the last checkpoint
+    is the last good one. The values are global (all-reduced), so every rank stops together."""
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        ckpt = find_checkpoint(ckpt_dir)
+        kept = f"the last good checkpoint is {ckpt} (step {checkpoint_step(ckpt)})" if ckpt else "no checkpoint was written yet"
+        die(f"{stage}: non-finite {' and '.join(bad)} at step {step}, stopped before the update; {kept}. "
+            "Lower the learning rate or check the data")
+
+
+
+def maybe_stop(args, stage, steps_done, step):
+    """--stop-after K: exit after K steps of this process in the stage, as if killed (nothing more is saved)."""
+    if args.stop_after and steps_done >= args.stop_after:
+        print(f"{stage}: stopping at step {step} (--stop-after {args.stop_after}); rerun without it to resume", flush=True)
+        sys.exit(3)
+
+
+
+# Flags that change neither the method nor its numbers beyond float rounding (memory, logging, device):
+# a run folder accepts a rerun that changes them, e.g. a smaller micro-batch after an out-of-memory crash.
+HARMLESS = {"log_interval", "save_interval", "stop_after", "overwrite", "method", "device", "micro_batch_size",
+            "sft_micro_batch_size", "gen_batch_size", "teacher_logits_offload"}
+STAGES = ["teacher-sft", "student-sft", "minillm", "sft", "kd", "seqkd"]
+
+
+
+def prepare_out(out, args):
+    """Refuse a run folder that holds a run with other arguments: its stages would be skipped or resumed
+    under settings they were not trained with. With --overwrite, its stages are deleted instead."""
+    now = json.loads(json.dumps(vars(args)))
+    old = json.loads((out / "args.json").read_text()) if (out / "args.json").exists() else {}
+    diff = [k for k in now if k in old and k not in HARMLESS and now[k] != old[k]]
+    if diff and not args.overwrite:
+        changes = ", ".join(f"--{k.replace('_', '-')} {old[k]} -> {now[k]}" for k in diff[:4])
+        die(f"{out} holds a run with other arguments ({changes}); rerun with the same arguments to resume, "
+            "use another --out, or add --overwrite to delete that run")
+    if diff and is_main():
+        print(f"--overwrite: deleting the stages of the earlier run in {out}")
+        for name in STAGES:
+            p = out / name
+            if p.is_symlink():
+                p.unlink()
+            elif p.exists():
+                shutil.rmtree(p)
+    barrier()
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "args.json", json.dumps(vars(args), indent=1))
+    barrier()
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# Several processes: `torchrun --nproc_per_node=K minillm.py ...` runs every stage data-parallel (DDP).
+# Every rank holds the whole student and the whole teacher; a global batch is drawn identically on every
+# rank and each rank trains on its share; gradients are all-reduced by DDP. Without torchrun these helpers
+# do nothing, and the single-process code path is exactly the one above.
+
+
+def dist_on():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+
+def rank():
+    return torch.distributed.get_rank() if dist_on() else 0
+
+
+
+def world():
+    return torch.distributed.get_world_size() if dist_on() else 1
+
+
+
+def is_main():
+    return rank() == 0
+
+
+
+def barrier():
+    if dist_on():
+        torch.distributed.barrier()
+
+
+
+def init_distributed(args):
+    """torchrun starts one process per device and sets RANK, LOCAL_RANK and WORLD_SIZE: join the group."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(args.device)
+    torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    if not is_main():
+        sys.stdout = open(os.devnull, "w")  # rank 0 alone prints; errors (stderr) still show on every rank
+
+
+
+def comm_device():
+    return torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+
+
+
+def all_sum(x):
+    """Σ over ranks of a number (or 0-dim tensor), as a float; one process: x itself."""
+    if not dist_on():
+        return x.item() if torch.is_tensor(x) else x
+    t = torch.tensor(float(x), dtype=torch.float64, device=comm_device())
+    torch.distributed.all_reduce(t)
+    return t.item()
+
+
+
+def all_max(x):
+    if not dist_on():
+        return x.item() if torch.is_tensor(x) else x
+    t = torch.tensor(float(x), dtype=torch.float64, device=comm_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.item()
+
+
+
+def all_gather_objects(obj):
+    """[rank 0's obj, rank 1's obj, ...]; one process: [obj]."""
+    if not dist_on():
+        return [obj]
+    out = [None] * world()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+
+def wrap_ddp(model, device):
+    """DDP all-reduces (averages) gradients during backward. Buffers are constants here: no broadcast."""
+    if not dist_on():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None,
+                                   broadcast_buffers=False)
+
+
+
+def unwrap(model):
+    return getattr(model, "module", model)
+
+
+
+def grad_sync(model, last):
+    """Accumulate micro-batch gradients locally and all-reduce once, on the step's last backward."""
+    return model.no_sync() if hasattr(model, "no_sync") and not last else nullcontext()
+
+
+
+def whiten_global(x, mask, eps=1e-8):
+    """whiten() with the mean and variance over every rank's rollouts (lmops recipe)."""
+    if not dist_on():
+        return whiten(x, mask, eps)
+    n = all_sum(mask.sum())
+    mean = all_sum((x * mask).sum()) / n
+    var = all_sum(((x - mean) ** 2 * mask).sum()) / n
+    return (x - mean) * (var + eps) ** -0.5 * mask
+
 
 
 if __name__ == "__main__":

@@ -499,20 +499,6 @@ def test_baselines_end_to_end(tmp_path, saved_models):
     assert res.stdout.count("teacher-sft: done, skipping") == 1
 
 
-def test_quick_demo_lowers_the_held_out_reverse_kl(tmp_path):
-    """The shortened demo runs offline end to end, and MiniLLM ends with a lower reverse KL(q||p) on held-out
-    prompts (measured on the student's own samples) than the SFT student it started from."""
-    res = run_cli(["--demo", "--quick", "--out", str(tmp_path / "demo")], tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
-    assert set(rows) == {"teacher", "SFT", "KD", "SeqKD", "MiniLLM"}
-    assert all(0 <= r["rouge_l"] <= 100 for r in rows.values())
-    assert rows["teacher"]["reverse_kl"] < 1e-5  # the teacher measured against itself
-    assert rows["MiniLLM"]["reverse_kl"] < rows["SFT"]["reverse_kl"]
-    assert (tmp_path / "demo" / "minillm" / "reverse_kl.png").exists()
-    assert "| MiniLLM |" in res.stdout
-
-
 def test_recipe_defaults_and_overrides():
     """Defaults are the paper's; --recipe lmops switches them all; an explicit flag wins over either."""
     paper, lmops = M.parse_args([]), M.parse_args(["--recipe", "lmops"])
@@ -524,8 +510,11 @@ def test_recipe_defaults_and_overrides():
 
 
 def test_import_has_no_side_effects():
-    res = subprocess.run([sys.executable, "-c", "import minillm"], cwd=HERE, capture_output=True, text=True)
-    assert res.returncode == 0 and res.stdout == ""
+    """`import minillm` prints nothing, and pulls in neither eval.py nor demo.py (they import minillm, never the
+    other way round)."""
+    code = "import sys, minillm; print(sorted({'eval', 'demo'} & set(sys.modules)))"
+    res = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout == "[]\n", res.stdout + res.stderr
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
