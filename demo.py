@@ -70,7 +70,6 @@ def demo_example(rng):
     return dict(instruction=f"What is the opposite of {word}?", input="", output=out, refs=[out])
 
 
-
 def demo_tokenizer(texts):
     """A word-level tokenizer over the demo's words (offline, tiny vocabulary, exact round trips)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -81,7 +80,6 @@ def demo_tokenizer(texts):
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
-
 
 
 def prepare_demo(args):
@@ -125,7 +123,6 @@ def prepare_demo(args):
     return root / "test.jsonl"
 
 
-
 @torch.no_grad()
 def demo_eval(paths, teacher_path, test_file, args, dtype, seeds=(10, 20, 30)):
     """Held-out table: Rouge-L of sampled answers (τ = 1, max over the correct answers, mean over seeds),
@@ -152,7 +149,6 @@ def demo_eval(paths, teacher_path, test_file, args, dtype, seeds=(10, 20, 30)):
     return rows
 
 
-
 def run_demo(args):
     """Every method on the demo task, then one table on the held-out prompts."""
     t0 = time.time()
@@ -171,7 +167,6 @@ def run_demo(args):
     (out / "demo_results.md").write_text(table + "\n")
     (out / "demo_results.json").write_text(json.dumps(rows, indent=1))
     return rows
-
 
 
 def parse_args(argv=None):

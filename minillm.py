@@ -59,7 +59,6 @@ RECIPES = {
 }
 
 
-
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("models and data")
@@ -137,13 +136,11 @@ def build_parser():
     return p
 
 
-
 def die(msg):
     """Bad input: one line on stderr and exit status 2 (as argparse), no traceback. Every input is checked
     before the run folder is touched, so a typo never damages a run."""
     print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.exit(2)
-
 
 
 POSITIVE = ["val_size", "max_prompt_len", "max_len", "max_new_tokens", "teacher_lr", "teacher_epochs", "student_lr",
@@ -153,7 +150,6 @@ POSITIVE = ["val_size", "max_prompt_len", "max_len", "max_new_tokens", "teacher_
 NON_NEGATIVE = ["sft_max_steps", "sft_weight_decay", "min_lr", "warmup_steps", "weight_decay", "clip_eps", "top_k",
                 "pt_coef", "reward_clip", "save_interval", "stop_after"]
 UNIT_INTERVAL = ["alpha", "kd_ratio", "seqkd_kd_ratio", "pt_kd_ratio", "gamma"]  # mixing weights and the discount
-
 
 
 def check_args(args):
@@ -171,7 +167,6 @@ def check_args(args):
         die(f"--top-p must be in (0, 1], got {args.top_p}")
 
 
-
 def parse_args(argv=None, defaults=None, parser=None):
     """defaults: other defaults for some flags (demo.py's); flags given on the command line still win."""
     parser = parser or build_parser()
@@ -182,7 +177,6 @@ def parse_args(argv=None, defaults=None, parser=None):
             setattr(args, name, paper if args.recipe == "paper" else lmops)
     check_args(args)
     return args
-
 
 
 # ==================================== THE METHOD, lines A-B ====================================
@@ -198,11 +192,9 @@ def upcast(x):
     return x.float() if x.element_size() < 4 else x
 
 
-
 def token_logprobs(logits, tokens):
     """log softmax(logits)[y_t]: (B, N, V), (B, N) -> (B, N), in at least fp32."""
     return torch.log_softmax(upcast(logits), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
 
 
 def mixture_logprobs(logp_student, logp_teacher, alpha):
@@ -214,11 +206,9 @@ def mixture_logprobs(logp_student, logp_teacher, alpha):
     return torch.logaddexp(logp_teacher + math.log(alpha), logp_student + math.log1p(-alpha))
 
 
-
 def importance_weights(logp_student, logp_mix):
     """w_t = q_θ(y_t) / p~(y_t): corrects for sampling from the mixture (per token, as the paper)."""
     return torch.exp(logp_student - logp_mix)
-
 
 
 def rewards(logp_teacher, logp_student_old, mask, scale=1.0, clip=0.0):
@@ -227,7 +217,6 @@ def rewards(logp_teacher, logp_student_old, mask, scale=1.0, clip=0.0):
     if clip > 0:
         r = r.clamp(-clip, clip)
     return r * mask
-
 
 
 def long_term_returns(r, mask, gamma=1.0, include_current=False, length_norm=True):
@@ -254,14 +243,12 @@ def long_term_returns(r, mask, gamma=1.0, include_current=False, length_norm=Tru
     return G * mask
 
 
-
 def whiten(x, mask, eps=1e-8):
     """(x - mean) / std over the response tokens (lmops recipe)."""
     n = mask.sum()
     mean = (x * mask).sum() / n
     var = ((x - mean) ** 2 * mask).sum() / n
     return (x - mean) * torch.rsqrt(var + eps) * mask
-
 
 
 def single_step_kl(logits_student, logits_teacher):
@@ -275,13 +262,11 @@ def single_step_kl(logits_student, logits_teacher):
     return (logq.exp() * (logq - logp)).sum(-1)
 
 
-
 def forward_kl(logits_student, logits_teacher):
     """KL(p || q_θ) = Σ_v p(v) [log p(v) - log q_θ(v)] at every position, (B, N): word-level KD."""
     logq = torch.log_softmax(upcast(logits_student), dim=-1)
     logp = torch.log_softmax(upcast(logits_teacher.detach()), dim=-1)
     return (logp.exp() * (logp - logq)).sum(-1)
-
 
 
 def long_term_loss(logp_student, logp_student_old, w, advantages, clip_eps=0.2):
@@ -299,10 +284,8 @@ def long_term_loss(logp_student, logp_student_old, w, advantages, clip_eps=0.2):
     return torch.maximum(loss, loss_clipped), loss_clipped > loss
 
 
-
 def masked_sum(x, mask):
     return (x * mask).sum()
-
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -315,12 +298,10 @@ PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with
                      "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
 
 
-
 def build_prompt(instruction, input=""):
     if input:
         return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
     return PROMPT.format(instruction=instruction)
-
 
 
 def tokenize_example(tok, rec, max_prompt_len, max_len):
@@ -339,7 +320,6 @@ def tokenize_example(tok, rec, max_prompt_len, max_len):
     return prompt_ids, response_ids
 
 
-
 def tokenize_dataset(tok, records, max_prompt_len, max_len, name="data"):
     out = [tokenize_example(tok, r, max_prompt_len, max_len) for r in records]
     kept = [x for x in out if x is not None]
@@ -348,7 +328,6 @@ def tokenize_dataset(tok, records, max_prompt_len, max_len, name="data"):
         die(f"{name}: no examples left: all {len(out)} prompts are longer than --max-prompt-len {max_prompt_len} tokens; "
             "raise --max-prompt-len or check the data")
     return kept
-
 
 
 def collate_sft(examples, pad_id):
@@ -366,7 +345,6 @@ def collate_sft(examples, pad_id):
     return ids, attn, labels
 
 
-
 def collate_prompts(prompts, pad_id):
     """Left-padded prompts, so every sequence's next token is generated at the same column."""
     P = max(len(p) for p in prompts)
@@ -376,7 +354,6 @@ def collate_prompts(prompts, pad_id):
         ids[i, P - len(p):] = torch.tensor(p)
         attn[i, P - len(p):] = 1
     return ids, attn
-
 
 
 def pt_chunks(spec, tok, seq_len, seed=0):
@@ -404,7 +381,6 @@ def pt_chunks(spec, tok, seq_len, seed=0):
             die(f"pre-training corpus {spec} is empty; give a non-empty --pt-data, or --pt-data none")
 
 
-
 # ----------------------------------------------------------------------------------------------------
 # Forward passes: position ids that respect left padding, bf16 autocast, an optional KV cache.
 
@@ -414,16 +390,13 @@ def autocast(device, dtype):
     return nullcontext()
 
 
-
 def n_logits(model):
     return model.get_output_embeddings().weight.shape[0]
-
 
 
 def position_ids_from(attention_mask):
     """With left padding, positions count real tokens only: pads get 0, the first real token 0, ..."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
-
 
 
 def forward(model, input_ids, attention_mask, cache=None, logits_to_keep=0):
@@ -437,7 +410,6 @@ def forward(model, input_ids, attention_mask, cache=None, logits_to_keep=0):
         kw.update({name: cache, "use_cache": True})
     pos = position_ids_from(attention_mask)[:, -input_ids.shape[1]:]
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, **kw).logits
-
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -457,7 +429,6 @@ def filter_probs(probs, top_k=0, top_p=1.0):
     return probs / probs.sum(-1, keepdim=True)
 
 
-
 def draw(probs, generator=None):
     """One token per row of a (B, V) distribution, by inverse CDF: one uniform per row, exact (float64 CDF, no
     rounding bias). torch.multinomial draws V exponentials per row instead: ~10 ms per token at (8, 50257) on
@@ -465,7 +436,6 @@ def draw(probs, generator=None):
     cdf = probs.cumsum(-1, dtype=torch.float64)  # (B, V)
     u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)  # first v: cdf_v > u
-
 
 
 @torch.no_grad()
@@ -525,7 +495,6 @@ def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_id, pad_id, m
     return out
 
 
-
 # ----------------------------------------------------------------------------------------------------
 # The loss on a rollout buffer: a collection of rollouts padded to common shapes, with rewards and advantages.
 
@@ -537,7 +506,6 @@ def pad_to(x, length, dim, value=0, left=False):
     shape[dim] = n
     pad = x.new_full(shape, value)
     return torch.cat([pad, x] if left else [x, pad], dim=dim)
-
 
 
 def concat_rollouts(chunks, pad_id):
@@ -553,14 +521,12 @@ def concat_rollouts(chunks, pad_id):
     return out
 
 
-
 def trim(mb):
     """Drop columns that are padding in every row of a minibatch (saves compute, changes nothing)."""
     P = int(mb["prompt_mask"].sum(1).max())
     N = int(mb["mask"].sum(1).max())
     out = {k: v[:, -P:] if k.startswith("prompt") else v[:, :N] for k, v in mb.items()}
     return out
-
 
 
 def student_response_logits(student, mb, dtype):
@@ -571,7 +537,6 @@ def student_response_logits(student, mb, dtype):
     with autocast(ids.device, dtype):  # the LM head on the last N+1 positions only, not on the prompt
         logits = forward(student, ids, attn, logits_to_keep=N + 1)  # (B, N+1, V): positions P-1 .. P+N-1
     return logits[:, :-1]
-
 
 
 def minillm_loss(student, mb, args, n_norm, dtype=torch.float32):
@@ -595,11 +560,9 @@ def minillm_loss(student, mb, args, n_norm, dtype=torch.float32):
     return loss / n_norm, stats
 
 
-
 def normaliser(mask, how):
     """token: Σ/(response tokens) as the official code; sequence: Σ over tokens, mean over sequences."""
     return mask.sum().item() if how == "token" else mask.shape[0]
-
 
 
 def pt_loss(student, teacher, chunk, kd_ratio, dtype):
@@ -615,7 +578,6 @@ def pt_loss(student, teacher, chunk, kd_ratio, dtype):
     return (1 - kd_ratio) * lm + kd_ratio * forward_kl(logits, zt).mean()
 
 
-
 # ----------------------------------------------------------------------------------------------------
 # SFT: cross-entropy on the gold responses (and, with a teacher, word-level KD). Phase 1 of MiniLLM.
 
@@ -624,7 +586,6 @@ def cosine_lr(step, total, lr, min_lr, warmup=0):
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
-
 
 
 def sft_loss(model, ids, attn, labels, dtype, teacher=None, kd_ratio=0.0):
@@ -641,7 +602,6 @@ def sft_loss(model, ids, attn, labels, dtype, teacher=None, kd_ratio=0.0):
     return loss_sum, mask.sum()
 
 
-
 @torch.no_grad()
 def eval_loss(model, data, pad_id, batch_size, dtype, device):
     """Token-mean validation loss; each rank evaluates its share and the sums are all-reduced."""
@@ -654,7 +614,6 @@ def eval_loss(model, data, pad_id, batch_size, dtype, device):
         total, n = total + s.item(), n + c.item()
     model.train()
     return all_sum(total) / max(all_sum(n), 1)
-
 
 
 def sft_backward(model, batch, n_tokens, pad_id, args, dtype, teacher=None, kd_ratio=0.0):
@@ -671,7 +630,6 @@ def sft_backward(model, batch, n_tokens, pad_id, args, dtype, teacher=None, kd_r
             (loss_sum / n_tokens * (world() if micro else 0)).backward()
         total += loss_sum.item() if micro else 0.0
     return all_sum(total) / n_tokens
-
 
 
 def sft(model, tok, train, val, out_dir, args, lr, epochs, dtype, teacher=None, kd_ratio=0.0, resume=None):
@@ -731,7 +689,6 @@ def sft(model, tok, train, val, out_dir, args, lr, epochs, dtype, teacher=None, 
     return best
 
 
-
 # ----------------------------------------------------------------------------------------------------
 # MiniLLM distillation: collect rollouts from p~, then PPO-style epochs over them. Phase 2.
 
@@ -758,13 +715,11 @@ def collect_rollouts(student, teacher, prompts, args, eos_id, pad_id, dtype, gen
     return buf
 
 
-
 def rollout_stats(buf, seconds):
     """Per-token means of a collection over every rank's rollouts (for the log only)."""
     n, rows = all_sum(buf["mask"].sum()), all_sum(buf["mask"].shape[0])
     return {"rkl": all_sum(buf["kl"].sum()) / n, "w_mean": all_sum(buf["w"].sum()) / n, "w_max": all_max(buf["w"].max()),
             "len": n / rows, "reward": all_sum(buf["rewards"].sum()) / n, "sample_tok_s": n / seconds}
-
 
 
 def minillm_backward(model, mb, args, dtype, sync=True):
@@ -785,7 +740,6 @@ def minillm_backward(model, mb, args, dtype, sync=True):
     stats = {k: all_sum(v) / world() for k, v in stats.items()}  # each rank holds world·(its sum)/(global count)
     stats["clip_frac"] = all_sum(clipped) / all_sum(mb["mask"].sum())
     return stats
-
 
 
 def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None, resume=None):
@@ -867,7 +821,6 @@ def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None
     barrier()  # the other ranks wait for rank 0's files
 
 
-
 # ====================================== END OF THE METHOD ======================================
 
 
@@ -900,13 +853,11 @@ def sample_model(model, prompt_ids, prompt_mask, eos_id, pad_id, max_new_tokens,
     return torch.stack(out, dim=1)
 
 
-
 def decode_response(tok, ids):
     """Token ids of one response -> (text, length): cut at the first EOS, special tokens skipped, stripped.
     length counts the tokens before the EOS."""
     ids = ids[:ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
     return tok.decode(ids, skip_special_tokens=True).strip(), len(ids)
-
 
 
 @torch.no_grad()
@@ -920,7 +871,6 @@ def teacher_responses(model, tok, prompts, args, dtype, desc="seqkd: teacher sam
                            args.top_p, args.top_k, dtype=dtype)
         texts += [decode_response(tok, row)[0] for row in out.tolist()]
     return texts
-
 
 
 def seqkd_data(teacher_path, tok, train_rec, path, args, dtype):
@@ -945,7 +895,6 @@ def seqkd_data(teacher_path, tok, train_rec, path, args, dtype):
     return rows
 
 
-
 # ----------------------------------------------------------------------------------------------------
 # main: the stages. minillm: teacher SFT -> student SFT -> MiniLLM. Baselines share the same stages:
 # sft = the student SFT itself; kd and seqkd fine-tune the pre-trained student with the student-SFT
@@ -967,7 +916,6 @@ def sft_stage(path, init, tok, train, val, args, lr, epochs, dtype, teacher_path
     return path
 
 
-
 def main(argv=None):
     args = parse_args(argv)
     init_distributed(args)
@@ -975,7 +923,6 @@ def main(argv=None):
     if dist_on():
         torch.distributed.destroy_process_group()
     return result
-
 
 
 def run(args):
@@ -1045,7 +992,6 @@ def run(args):
     print(f"done: {minillm_path}")
 
 
-
 def check_world(args, n_train):
     """Under DDP a global batch is split evenly: each rank trains on batch/world rollouts (and PT chunks)."""
     w = world()
@@ -1058,13 +1004,11 @@ def check_world(args, n_train):
         die(f"{n_train} training examples for {w} processes; use fewer processes or more data")
 
 
-
 def check_pt_data(args):
     """A local L_PT corpus that is not there would only fail at the first distillation step, hours in."""
     used = args.method == "minillm" and args.pt_data != "none" and args.pt_coef > 0
     if used and looks_like_a_path(args.pt_data) and not os.path.exists(args.pt_data):
         die(f"pre-training corpus {args.pt_data} not found; give an existing .txt/.jsonl file, a hub dataset, or --pt-data none")
-
 
 
 # ========================================== PLUMBING ==========================================
@@ -1101,15 +1045,12 @@ def load_records(spec, split="train", required=()):
     return rows
 
 
-
 def looks_like_a_path(spec):
     return spec.endswith((".jsonl", ".json", ".txt")) or spec.startswith((".", "/", "~"))
 
 
-
 def first_line(e):
     return (str(e).strip().splitlines() or [""])[0][:300]
-
 
 
 def check_record(rec, required, where):
@@ -1121,18 +1062,15 @@ def check_record(rec, required, where):
         die(f"{where}: the record has no {missing[0]!r} field; every record needs {' and '.join(map(repr, required))}")
 
 
-
 def resolve_dtype(args):
     if args.dtype == "auto":
         return torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
 
 
-
 def cannot_load(name, e):
     die(f"cannot load {name!r} ({first_line(e)}); give a local folder with config.json, or check the name and the "
         "network (HF_HUB_OFFLINE=1 uses the local cache only)")
-
 
 
 def load_tokenizer(name, trust_remote_code=False):
@@ -1148,14 +1086,12 @@ def load_tokenizer(name, trust_remote_code=False):
     return tok
 
 
-
 def load_config(name, trust_remote_code=False):
     from transformers import AutoConfig
     try:
         return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         cannot_load(name, e)
-
 
 
 def load_model(name, device, dtype=torch.float32, trust_remote_code=False):
@@ -1170,7 +1106,6 @@ def load_model(name, device, dtype=torch.float32, trust_remote_code=False):
     return model.to(device)
 
 
-
 def check_same_vocab(tok_t, tok_s, vt, vs):
     """MiniLLM compares p and q_θ token by token: both must index the same vocabulary.
     vt, vs: the number of logits of teacher and student; the tokens are compared on a sample of ~100 ids."""
@@ -1181,12 +1116,10 @@ def check_same_vocab(tok_t, tok_s, vt, vs):
             "and a student of the same family")
 
 
-
 def check_teacher_vocab(teacher, tok, args):
     """Before any training: configs and tokenizer only, no weights are loaded."""
     vt, vs = (load_config(n, args.trust_remote_code).get_text_config().vocab_size for n in (teacher, args.student))
     check_same_vocab(load_tokenizer(teacher, args.trust_remote_code), tok, vt, vs)
-
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1210,7 +1143,6 @@ class Logger:
         self.f.write(json.dumps(kv) + "\n")
         self.f.flush()
         self.lines += 1
-
 
 
 def plot_curve(log_path, key, png_path, title):
@@ -1240,7 +1172,6 @@ def plot_curve(log_path, key, png_path, title):
     plt.close(fig)
 
 
-
 def save_checkpoint(model, tok, path):
     """A stage's model as a Hugging Face folder (rank 0). Written to path/.saving first, then moved in file
     by file with os.replace (atomic), so a kill mid-save never leaves a half-written model.safetensors."""
@@ -1255,7 +1186,6 @@ def save_checkpoint(model, tok, path):
     tmp.rmdir()
 
 
-
 def mark_done(path, **info):
     """The stage is finished: later runs skip it, and its resume checkpoint is no longer needed."""
     if not is_main():
@@ -1265,10 +1195,8 @@ def mark_done(path, **info):
         shutil.rmtree(Path(path) / ("ckpt" + suffix), ignore_errors=True)
 
 
-
 def is_done(path):
     return (Path(path) / "done.json").exists()
-
 
 
 def write_atomic(path, text):
@@ -1277,11 +1205,9 @@ def write_atomic(path, text):
     os.replace(tmp, path)
 
 
-
 def set_seed(seed):
     random.seed(seed)
     torch.manual_seed(seed)
-
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1311,14 +1237,12 @@ def save_train_state(path, model, opt, rng, **state):
     barrier()
 
 
-
 def find_checkpoint(path):
     """The newest complete resume checkpoint under `path` (OUT/stage/ckpt), or None."""
     for p in (Path(path), Path(str(path) + ".old")):
         if (p / "state.pt").exists():
             return p
     return None
-
 
 
 def load_train_state(path, opt, device):
@@ -1336,7 +1260,6 @@ def load_train_state(path, opt, device):
     return state
 
 
-
 def rng_state(**own):
     """This rank's random states: torch (CPU, CUDA), Python's, and the loop's own generators (`own`)."""
     s = dict(own, torch=torch.get_rng_state(), python=random.getstate())
@@ -1345,10 +1268,8 @@ def rng_state(**own):
     return s
 
 
-
 def checkpoint_step(path):
     return torch.load(Path(path) / "state.pt", weights_only=True)["step"]
-
 
 
 def check_finite(stage, step, ckpt_dir, **values):
@@ -1362,7 +1283,6 @@ def check_finite(stage, step, ckpt_dir, **values):
             "Lower the learning rate or check the data")
 
 
-
 def maybe_stop(args, stage, steps_done, step):
     """--stop-after K: exit after K steps of this process in the stage, as if killed (nothing more is saved)."""
     if args.stop_after and steps_done >= args.stop_after:
@@ -1370,13 +1290,11 @@ def maybe_stop(args, stage, steps_done, step):
         sys.exit(3)
 
 
-
 # Flags that change neither the method nor its numbers beyond float rounding (memory, logging, device):
 # a run folder accepts a rerun that changes them, e.g. a smaller micro-batch after an out-of-memory crash.
 HARMLESS = {"log_interval", "save_interval", "stop_after", "overwrite", "method", "device", "micro_batch_size",
             "sft_micro_batch_size", "gen_batch_size", "teacher_logits_offload"}
 STAGES = ["teacher-sft", "student-sft", "minillm", "sft", "kd", "seqkd"]
-
 
 
 def prepare_out(out, args):
@@ -1404,7 +1322,6 @@ def prepare_out(out, args):
     barrier()
 
 
-
 # ----------------------------------------------------------------------------------------------------
 # Several processes: `torchrun --nproc_per_node=K minillm.py ...` runs every stage data-parallel (DDP).
 # Every rank holds the whole student and the whole teacher; a global batch is drawn identically on every
@@ -1416,26 +1333,21 @@ def dist_on():
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-
 def rank():
     return torch.distributed.get_rank() if dist_on() else 0
-
 
 
 def world():
     return torch.distributed.get_world_size() if dist_on() else 1
 
 
-
 def is_main():
     return rank() == 0
-
 
 
 def barrier():
     if dist_on():
         torch.distributed.barrier()
-
 
 
 def init_distributed(args):
@@ -1450,10 +1362,8 @@ def init_distributed(args):
         sys.stdout = open(os.devnull, "w")  # rank 0 alone prints; errors (stderr) still show on every rank
 
 
-
 def comm_device():
     return torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-
 
 
 def all_sum(x):
@@ -1465,14 +1375,12 @@ def all_sum(x):
     return t.item()
 
 
-
 def all_max(x):
     if not dist_on():
         return x.item() if torch.is_tensor(x) else x
     t = torch.tensor(float(x), dtype=torch.float64, device=comm_device())
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return t.item()
-
 
 
 def all_gather_objects(obj):
@@ -1484,7 +1392,6 @@ def all_gather_objects(obj):
     return out
 
 
-
 def wrap_ddp(model, device):
     """DDP all-reduces (averages) gradients during backward. Buffers are constants here: no broadcast."""
     if not dist_on():
@@ -1494,16 +1401,13 @@ def wrap_ddp(model, device):
                                    broadcast_buffers=False)
 
 
-
 def unwrap(model):
     return getattr(model, "module", model)
-
 
 
 def grad_sync(model, last):
     """Accumulate micro-batch gradients locally and all-reduce once, on the step's last backward."""
     return model.no_sync() if hasattr(model, "no_sync") and not last else nullcontext()
-
 
 
 def whiten_global(x, mask, eps=1e-8):
@@ -1514,7 +1418,6 @@ def whiten_global(x, mask, eps=1e-8):
     mean = all_sum((x * mask).sum()) / n
     var = all_sum(((x - mean) ** 2 * mask).sum()) / n
     return (x - mean) * (var + eps) ** -0.5 * mask
-
 
 
 if __name__ == "__main__":
