@@ -48,8 +48,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minillm import (autocast, build_prompt, collate_prompts, collate_sft, decode_response, forward, load_model,
-                     load_records, load_tokenizer, resolve_dtype, sample_model, set_seed, tokenize_example)
+from minillm import (autocast, collate_prompts, collate_sft, decode_response, forward, load_model,
+                     load_records, load_tokenizer, prompt_text, resolve_dtype, sample_model, set_seed, tokenize_example)
 
 # ----------------------------------------------------------------------------------------------------
 # The official test sets (NOTES §5). Hub repositories of raw files; the official evaluation reads
@@ -86,6 +86,8 @@ def build_parser():
     g.add_argument("--seeds", type=int, nargs="+", default=[10, 20, 30, 40, 50], help="one sampling run per seed; scores are averaged")
     g.add_argument("--max-new-tokens", type=int, default=256, help="response tokens at most (official: 512 - 256 prompt tokens)")
     g.add_argument("--max-prompt-len", type=int, default=256, help="longer prompts are dropped, as in training")
+    g.add_argument("--template", choices=["alpaca", "chat"], default="alpaca",
+                   help="prompt format, as in training (minillm.py --template): Alpaca-style, or the tokenizer's chat template")
     g.add_argument("--batch-size", type=int, default=32, help="prompts decoded at once; part of what fixes the samples of a seed")
     g.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling (not the paper's protocol); runs the first seed only")
     g.add_argument("--temperature", type=float, default=1.0)
@@ -218,17 +220,17 @@ def expand_data(specs):
     return list(dict.fromkeys(out))
 
 
-def prepare(tok, records, max_prompt_len, max_new_tokens, name="test"):
+def prepare(tok, records, max_prompt_len, max_new_tokens, name="test", template="alpaca"):
     """Tokenise with the training rule (minillm.tokenize_example) -> list of kept examples, each a dict with
     idx, prompt, prompt_ids, gold_ids (the first reference + EOS, for the LM loss), references and ref_len
     (tokens of the first reference: the length the buckets use)."""
     kept = []
     for i, r in enumerate(records):
-        ex = tokenize_example(tok, r, max_prompt_len, max_prompt_len + max_new_tokens)
+        ex = tokenize_example(tok, r, max_prompt_len, max_prompt_len + max_new_tokens, template)
         if ex is None:
             continue
         refs = as_references(r["output"])
-        prompt = r["prompt"] if "prompt" in r else build_prompt(r["instruction"], r.get("input", ""))
+        prompt = prompt_text(tok, r, template)
         kept.append({"idx": i, "prompt": prompt, "prompt_ids": ex[0], "gold_ids": ex[1], "references": refs,
                      "ref_len": len(tok(refs[0], add_special_tokens=False)["input_ids"])})
     print(f"{name}: {len(kept)} examples, {len(records) - len(kept)} dropped (prompt > {max_prompt_len} tokens)")
@@ -366,11 +368,11 @@ def main(argv=None):
     out = Path(args.out)
     results = {}
     for model_name in args.model:
-        tok = load_tokenizer(model_name)
-        model = load_model(model_name, args.device, dtype).eval()
+        tok = load_tokenizer(model_name, template=args.template)
+        model = load_model(model_name, args.device, dtype, vocab_size=len(tok)).eval()
         results[model_name] = {}
         for data_name, records in test_sets:
-            examples = prepare(tok, records, args.max_prompt_len, args.max_new_tokens, name=data_name)
+            examples = prepare(tok, records, args.max_prompt_len, args.max_new_tokens, name=data_name, template=args.template)
             if not examples:
                 raise SystemExit(f"error: {data_name}: every prompt is longer than --max-prompt-len {args.max_prompt_len}")
             check_context(model, examples, args.max_new_tokens)

@@ -74,6 +74,9 @@ def build_parser():
                    help="minillm, or a baseline of the paper: sft (no KD), kd (word-level), seqkd (on teacher samples)")
     g.add_argument("--kd-ratio", type=float, default=0.5, help="kd: λ in (1-λ)·CE + λ·KL(p||q_θ) (paper: 0.5)")
     g.add_argument("--seqkd-kd-ratio", type=float, default=0.0, help="seqkd: extra word-level KD share (official scripts: 0.5; paper: 0)")
+    g.add_argument("--template", choices=["alpaca", "chat"], default="alpaca",
+                   help="prompt format: the paper's Alpaca-style template, or the tokenizer's chat template (for instruct "
+                        "models trained on theirs; responses then end with the token that closes the assistant's turn)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off: safer)")
 
     g = p.add_argument_group("lengths (NOTES §5)")
@@ -117,7 +120,10 @@ def build_parser():
     for name, (paper, lmops) in RECIPES.items():  # default None: filled from --recipe unless given
         kind = {"action": argparse.BooleanOptionalAction} if isinstance(paper, bool) else {"type": type(paper)}
         g.add_argument("--" + name.replace("_", "-"), default=None, help=f"paper: {paper}, lmops: {lmops}", **kind)
-    g.add_argument("--teacher-logits-offload", action="store_true", help="keep the rollout buffer's teacher logits in CPU memory")
+    g.add_argument("--teacher-logits", choices=["keep", "offload", "recompute"], default="keep",
+                   help="the teacher's log-probs at every rollout position, for the single-step term: keep them in the rollout "
+                        "buffer (GPU memory: rollouts × new tokens × vocabulary × 2 bytes), offload them to pinned CPU memory, "
+                        "or recompute them with a teacher forward on every micro-batch (the official code; no buffer)")
 
     g = p.add_argument_group("system")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -257,9 +263,12 @@ def single_step_kl(logits_student, logits_teacher):
     This is -E_{y_t~q_θ}[r_t] taken over the whole vocabulary instead of by sampling: (∇L)_Single.
     The teacher is a constant: the gradient flows through the student only.
     """
-    logq = torch.log_softmax(upcast(logits_student), dim=-1)
-    logp = torch.log_softmax(upcast(logits_teacher.detach()), dim=-1)
-    return (logq.exp() * (logq - logp)).sum(-1)
+    return reverse_kl(torch.log_softmax(upcast(logits_student), dim=-1), torch.log_softmax(upcast(logits_teacher), dim=-1))
+
+
+def reverse_kl(logq, logp):
+    """single_step_kl from log-probabilities (B, N, V): the loss computes log q_θ once and reads it twice."""
+    return (logq.exp() * (logq - logp.detach())).sum(-1)
 
 
 def forward_kl(logits_student, logits_teacher):
@@ -274,9 +283,10 @@ def long_term_loss(logp_student, logp_student_old, w, advantages, clip_eps=0.2):
 
     ρ_t = w_t · q_θ(y_t)/q_old(y_t);  loss_t = max(-A_t ρ_t, -A_t clip(ρ_t, 1-ε, 1+ε)).
     On the first inner epoch q_θ = q_old, so ρ_t = w_t and the clip is the importance-weight clip.
+    ρ_t is computed in log space (one exp of a sum) so that no factor can overflow on its own.
     Returns (loss, clipped) where clipped marks tokens whose gradient the clip removed.
     """
-    ratio = torch.exp(logp_student - logp_student_old.detach()) * w.detach()
+    ratio = torch.exp(logp_student - logp_student_old.detach() + torch.log(w.detach()))  # w = 0 on padding: ρ = 0
     loss = -advantages * ratio
     if clip_eps <= 0:
         return loss, torch.zeros_like(loss, dtype=torch.bool)
@@ -304,24 +314,49 @@ def build_prompt(instruction, input=""):
     return PROMPT.format(instruction=instruction)
 
 
-def tokenize_example(tok, rec, max_prompt_len, max_len):
+def prompt_text(tok, rec, template="alpaca"):
+    """The prompt as text: the record's ready `prompt` if it has one (some test sets), else the Alpaca-style
+    template (the paper's, for models tuned on it), or with template="chat" the tokenizer's own chat template
+    (modern instruct teachers were trained on theirs: a user turn, then the opening of the assistant's turn)."""
+    if "prompt" in rec:
+        return rec["prompt"]
+    if template == "chat":
+        user = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
+        return tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+    return build_prompt(rec["instruction"], rec.get("input", ""))
+
+
+def text_start(tok):
+    """The special tokens this tokenizer puts before a text: BOS for Llama, Mistral, Gemma and OPT, nothing for
+    GPT-2 and Qwen. Models see them at the start of every training text; without it Gemma degrades badly."""
+    plain = tok("a", add_special_tokens=False)["input_ids"]
+    full = tok("a", add_special_tokens=True)["input_ids"]
+    for k in range(len(full) - len(plain) + 1):  # where the text begins; anything after it (an EOS) is not kept
+        if full[k:k + len(plain)] == plain:
+            return full[:k]
+    return []
+
+
+def tokenize_example(tok, rec, max_prompt_len, max_len, template="alpaca"):
     """-> (prompt_ids, response_ids) or None if the prompt is too long.
 
-    response = tokens(prompt + output) minus the first len(tokens(prompt)), then EOS, as the official code.
+    response = tokens(prompt + output) minus the first len(tokens(prompt)), then EOS, as the official code;
+    both start the way the tokenizer starts a text (text_start; a chat template writes its own BOS).
     """
-    prompt = rec["prompt"] if "prompt" in rec else build_prompt(rec["instruction"], rec.get("input", ""))
-    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    prompt = prompt_text(tok, rec, template)
+    start = [] if template == "chat" and "prompt" not in rec else text_start(tok)
+    prompt_ids = start + tok(prompt, add_special_tokens=False)["input_ids"]
     if len(prompt_ids) > max_prompt_len:
         return None
     output = rec.get("output", "")
     output = output[0] if isinstance(output, list) else output
-    full = tok(prompt + output, add_special_tokens=False)["input_ids"]
+    full = start + tok(prompt + output, add_special_tokens=False)["input_ids"]
     response_ids = full[len(prompt_ids):][: max_len - len(prompt_ids) - 1] + [tok.eos_token_id]
     return prompt_ids, response_ids
 
 
-def tokenize_dataset(tok, records, max_prompt_len, max_len, name="data"):
-    out = [tokenize_example(tok, r, max_prompt_len, max_len) for r in records]
+def tokenize_dataset(tok, records, max_prompt_len, max_len, name="data", template="alpaca"):
+    out = [tokenize_example(tok, r, max_prompt_len, max_len, template) for r in records]
     kept = [x for x in out if x is not None]
     print(f"{name}: {len(kept)} examples, {len(out) - len(kept)} dropped (prompt > {max_prompt_len} tokens)")
     if not kept:
@@ -357,7 +392,8 @@ def collate_prompts(prompts, pad_id):
 
 
 def pt_chunks(spec, tok, seq_len, seed=0):
-    """Endless stream of seq_len-token chunks of the pre-training corpus (documents joined by EOS).
+    """Endless stream of seq_len-token chunks of the pre-training corpus (documents joined by EOS, each one
+    starting as the tokenizer starts a text).
     Hub datasets are streamed, so OpenWebText is never downloaded whole."""
     if os.path.exists(spec):
         if spec.endswith(".jsonl"):
@@ -368,12 +404,12 @@ def pt_chunks(spec, tok, seq_len, seed=0):
     else:
         import datasets
         source = lambda: (r["text"] for r in datasets.load_dataset(spec, split="train", streaming=True).shuffle(seed=seed))  # noqa: E731
-    buf = []
+    buf, start = [], text_start(tok)
     while True:
         n_docs = 0
         for text in source():
             n_docs += 1
-            buf += tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            buf += start + tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             while len(buf) >= seq_len:
                 yield torch.tensor(buf[:seq_len])
                 buf = buf[seq_len:]
@@ -382,7 +418,8 @@ def pt_chunks(spec, tok, seq_len, seed=0):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Forward passes: position ids that respect left padding, bf16 autocast, an optional KV cache.
+# Forward passes: fp32 logits over the shared vocabulary, position ids that respect left padding, bf16
+# autocast, an optional KV cache.
 
 def autocast(device, dtype):
     if dtype == torch.bfloat16:
@@ -391,7 +428,29 @@ def autocast(device, dtype):
 
 
 def n_logits(model):
-    return model.get_output_embeddings().weight.shape[0]
+    """The number of logits the model returns: its shared vocabulary once fp32_head has sliced it."""
+    head = model.get_output_embeddings()
+    return getattr(head, "n_out", head.weight.shape[0])
+
+
+def fp32_head(model, vocab_size=None):
+    """Make the LM head return fp32 logits for the first `vocab_size` tokens, whatever the autocast.
+
+    fp32: GPT-2's logits sit near -60, where one bf16 step is 0.25 nats; a bf16 head would put that much noise
+    into every log q_θ, log p, reward and KL. The blocks still run in bf16; only the head (one matmul) is fp32.
+    vocab_size: models of one family share a tokenizer but pad their embedding matrix differently (Qwen2.5-1.5B:
+    151,936 rows, 7B: 152,064, for 151,665 tokens). The padded rows are no tokens: no KL may sum over them and
+    no sample may draw them, so the head computes the shared rows only. The model's weights are untouched."""
+    head = model.get_output_embeddings()
+    n = vocab_size or head.weight.shape[0]
+    assert n <= head.weight.shape[0], f"{n} tokens but only {head.weight.shape[0]} logits"
+
+    def head_forward(h):
+        with torch.autocast(h.device.type, enabled=False):
+            bias = None if getattr(head, "bias", None) is None else head.bias[:n].float()
+            return F.linear(h.float(), head.weight[:n].float(), bias)  # (..., n) fp32
+    head.forward, head.n_out = head_forward, n  # attributes of this instance: state_dict, tying and saving are unchanged
+    return model
 
 
 def position_ids_from(attention_mask):
@@ -399,15 +458,28 @@ def position_ids_from(attention_mask):
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def new_cache(model):
+    """An empty KV cache laid out by the model's config: sliding-window layers (Gemma 2/3, Mistral) keep only
+    their window instead of the whole sequence."""
+    from transformers import DynamicCache
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # an older transformers without config=
+        return DynamicCache()
+
+
 def forward(model, input_ids, attention_mask, cache=None, logits_to_keep=0):
     """One causal-LM forward with explicit position ids (left padding) and an optional KV cache.
-    transformers renamed `past_key_values` to `cache` in 5.2x; we pass whichever the model takes.
-    logits_to_keep = k > 0: logits of the last k positions only, (B, k, V); the LM head is skipped elsewhere
-    (with V = 50k it costs more than a small model's blocks, and its (B, L, V) output is the largest tensor)."""
+    transformers renamed `past_key_values` to `cache` in 5.2x; we pass whichever the model takes. Without a cache,
+    use_cache=False: otherwise every training forward builds a KV cache it throws away (1.3 GB for gpt2-xl on
+    8 × 512 tokens). logits_to_keep = k > 0: logits of the last k positions only, (B, k, V); the LM head is skipped
+    elsewhere (with V = 50k it costs more than a small model's blocks, and its (B, L, V) output is the largest tensor)."""
     kw = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
     if cache is not None:
         name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         kw.update({name: cache, "use_cache": True})
+    else:
+        kw["use_cache"] = False
     pos = position_ids_from(attention_mask)[:, -input_ids.shape[1]:]
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, **kw).logits
 
@@ -438,60 +510,76 @@ def draw(probs, generator=None):
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)  # first v: cdf_v > u
 
 
+def store_dtype(dtype):
+    """What the rollout buffer keeps the teacher's log-probabilities in. fp32 runs: fp32. bf16 runs: fp16, at the
+    same memory as bf16 but with an 8x finer step (log-probabilities are <= 0 and bounded, so fp16's range is enough)."""
+    return torch.float32 if dtype == torch.float32 else torch.float16
+
+
 @torch.no_grad()
 def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_id, pad_id, max_new_tokens, alpha=0.2,
                     temperature=1.0, top_p=1.0, top_k=0, dtype=torch.float32, keep_teacher_logits=True,
-                    logits_device=None, generator=None):
+                    logits_device=None, generator=None, teacher_out=None):
     """Sample responses from p~ = α·p + (1-α)·q_θ. Returns a dict of (B, N) tensors:
 
     tokens, mask (first EOS included), logp_student / logp_teacher (at τ = 1: the distributions being
     distilled), logp_mix (the actual sampling distribution, after τ and top-k/p), w = q_θ/p~,
-    kl (full-vocabulary KL(q_θ||p) at each position), and teacher_logits (B, N, V) in `dtype`.
+    kl (full-vocabulary KL(q_θ||p) at each position), and teacher_logits (B, N, V): the teacher's log-probabilities
+    log p(·|y_<t) (normalised logits), in store_dtype(dtype). They are written in place into `teacher_out`, a
+    (B, max_new_tokens, V) slice of the collection's buffer, when given (on `logits_device`: pinned CPU memory
+    for --teacher-logits offload, copied without blocking).
     """
-    from transformers import DynamicCache
     assert not student.training and not teacher.training, "sampling runs both models in eval mode (no dropout)"
     B, device = prompt_ids.shape[0], prompt_ids.device
-    cache_s, cache_t = DynamicCache(), DynamicCache()
-    with autocast(device, dtype):  # the prompt's last position only: the LM head over the prompt is wasted work
-        zs = forward(student, prompt_ids, prompt_mask, cache_s, logits_to_keep=1)[:, -1].float()  # (B, V)
-    zt = forward(teacher, prompt_ids, prompt_mask, cache_t, logits_to_keep=1)[:, -1].float()
+    cache_s, cache_t = new_cache(student), new_cache(teacher)
     attn = prompt_mask
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    rec = {k: [] for k in ["tokens", "mask", "logp_student", "logp_teacher", "logp_mix", "kl", "teacher_logits"]}
+    rec = {k: [] for k in ["tokens", "mask", "logp_student", "logp_teacher", "logp_mix", "kl"]}
     plain = temperature == 1.0 and top_k == 0 and top_p == 1.0  # then p~ is exactly the mixture of q and p
-    for t in range(max_new_tokens):
-        # Every (B, V) op below runs once per token for the whole batch: on small models they cost as much
-        # as the forwards, so each distribution is computed once and reused.
-        logq, logp = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)  # (B, V) at τ = 1
-        q = logq.exp()  # q_θ, for the KL and (at τ = 1) for sampling
-        if plain:  # p~ = (1-α)·q + α·p in one pass; already normalised, nothing to filter
-            mix = torch.lerp(q, logp.exp(), alpha)
-        else:
-            q_tau, p_tau = torch.softmax(zs / temperature, -1), torch.softmax(zt / temperature, -1)
-            mix = filter_probs(alpha * p_tau + (1 - alpha) * q_tau, top_k, top_p)
-        y = draw(mix, generator)  # (B,)
-        live = ~done
-        rec["tokens"].append(torch.where(live, y, torch.full_like(y, pad_id)))
-        rec["mask"].append(live.float())
-        lq_y, lp_y = logq.gather(-1, y[:, None]).squeeze(-1), logp.gather(-1, y[:, None]).squeeze(-1)
-        rec["logp_student"].append(lq_y)
-        rec["logp_teacher"].append(lp_y)
-        rec["logp_mix"].append(mixture_logprobs(lq_y, lp_y, alpha) if plain else mix.gather(-1, y[:, None]).squeeze(-1).log())
-        rec["kl"].append((q * (logq - logp)).sum(-1))
-        if keep_teacher_logits:
-            rec["teacher_logits"].append(zt.to(dtype=dtype, device=logits_device or device))
-        done = done | (y == eos_id)
-        if done.all() or t == max_new_tokens - 1:
-            break  # the last token needs no forward: nobody conditions on it
-        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-        with autocast(device, dtype):
+    # One autocast region for the whole loop: autocast caches the bf16 copies of the student's fp32 weights for
+    # as long as the region lasts, so they are cast once per rollout batch, not once per token.
+    with autocast(device, dtype):  # the prompt's last position only: the LM head over the prompt is wasted work
+        zs = forward(student, prompt_ids, prompt_mask, cache_s, logits_to_keep=1)[:, -1].float()  # (B, V)
+        zt = forward(teacher, prompt_ids, prompt_mask, cache_t, logits_to_keep=1)[:, -1].float()
+        assert zs.shape == zt.shape, "p and q_θ are compared token by token: one vocabulary (fp32_head slices both)"
+        if keep_teacher_logits and teacher_out is None:
+            teacher_out = torch.empty(B, max_new_tokens, zt.shape[-1], dtype=store_dtype(dtype), device=logits_device or device)
+        for t in range(max_new_tokens):
+            # Every (B, V) op below runs once per token for the whole batch: on small models they cost as much
+            # as the forwards, so each distribution is computed once and reused.
+            logq, logp = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)  # (B, V) at τ = 1
+            q = logq.exp()  # q_θ, for the KL and (at τ = 1) for sampling
+            if plain:  # p~ = (1-α)·q + α·p in one pass; already normalised, nothing to filter
+                mix = torch.lerp(q, logp.exp(), alpha)
+            else:
+                q_tau, p_tau = torch.softmax(zs / temperature, -1), torch.softmax(zt / temperature, -1)
+                mix = filter_probs(alpha * p_tau + (1 - alpha) * q_tau, top_k, top_p)
+            y = draw(mix, generator)  # (B,)
+            live = ~done
+            rec["tokens"].append(torch.where(live, y, torch.full_like(y, pad_id)))
+            rec["mask"].append(live.float())
+            lq_y, lp_y = logq.gather(-1, y[:, None]).squeeze(-1), logp.gather(-1, y[:, None]).squeeze(-1)
+            rec["logp_student"].append(lq_y)
+            rec["logp_teacher"].append(lp_y)
+            rec["logp_mix"].append(mixture_logprobs(lq_y, lp_y, alpha) if plain else mix.gather(-1, y[:, None]).squeeze(-1).log())
+            rec["kl"].append((q * (logq - logp)).sum(-1))
+            if keep_teacher_logits:  # clamped so that fp16 holds it (-inf would make 0·inf = NaN in a KL)
+                teacher_out[:, t].copy_(logp.clamp(min=-1e4), non_blocking=True)
+            done = done | (y == eos_id)
+            if done.all() or t == max_new_tokens - 1:
+                break  # the last token needs no forward: nobody conditions on it
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
             zs = forward(student, y[:, None], attn, cache_s)[:, -1].float()
-        zt = forward(teacher, y[:, None], attn, cache_t)[:, -1].float()
-    out = {k: torch.stack(v, dim=1) for k, v in rec.items() if v}
+            zt = forward(teacher, y[:, None], attn, cache_t)[:, -1].float()
+    out = {k: torch.stack(v, dim=1) for k, v in rec.items()}
     m = out["mask"]
     for k in ["logp_student", "logp_teacher", "logp_mix", "kl"]:
         out[k] = out[k] * m
     out["w"] = importance_weights(out["logp_student"], out["logp_mix"]) * m
+    if keep_teacher_logits:
+        if teacher_out.device.type == "cpu" and device.type == "cuda":
+            torch.cuda.synchronize(device)  # the non-blocking copies into pinned memory must land before it is read
+        out["teacher_logits"] = teacher_out[:, :m.shape[1]]  # a view: no copy
     return out
 
 
@@ -525,8 +613,7 @@ def trim(mb):
     """Drop columns that are padding in every row of a minibatch (saves compute, changes nothing)."""
     P = int(mb["prompt_mask"].sum(1).max())
     N = int(mb["mask"].sum(1).max())
-    out = {k: v[:, -P:] if k.startswith("prompt") else v[:, :N] for k, v in mb.items()}
-    return out
+    return {k: v if v.dim() == 1 else v[:, -P:] if k.startswith("prompt") else v[:, :N] for k, v in mb.items()}
 
 
 def student_response_logits(student, mb, dtype):
@@ -539,6 +626,24 @@ def student_response_logits(student, mb, dtype):
     return logits[:, :-1]
 
 
+@torch.no_grad()
+def recompute_logp_old(student, buf, micro_batch_size, dtype):
+    """log q_old(y_t) by the very forward the loss runs (student_response_logits), for a bf16 run.
+
+    Under bf16 the KV-cached decode (one token at a time) and the loss's full forward round differently: on
+    GPT-2-like logits their log q_θ(y_t) differ by up to 0.25 nats, so ρ_t = w_t·q_θ/q_old would be off by
+    28% on the very first minibatch, where it must be w_t, and the PPO clip would cut tokens for nothing.
+    With log q_old from the same forward, ρ_t = w_t to bf16's run-to-run reproducibility. (In fp32 the two
+    agree to 1e-6, and this pass is skipped.) w_t itself stays the sampling-time q_θ/p~: it corrects for
+    the distribution the tokens were actually drawn from."""
+    out = torch.zeros_like(buf["logp_student"])
+    for i in range(0, out.shape[0], micro_batch_size):
+        mb = trim({k: buf[k][i:i + micro_batch_size] for k in ("prompt_ids", "prompt_mask", "tokens", "mask")})
+        logp = token_logprobs(student_response_logits(student, mb, dtype), mb["tokens"])
+        out[i:i + micro_batch_size, :logp.shape[1]] = logp * mb["mask"]
+    return out
+
+
 def minillm_loss(student, mb, args, n_norm, dtype=torch.float32):
     """The MiniLLM objective on a minibatch of rollouts, as a SUM divided by n_norm (the token or
     sequence count of the whole optimizer batch, so gradient accumulation does not change it).
@@ -548,13 +653,15 @@ def minillm_loss(student, mb, args, n_norm, dtype=torch.float32):
     mb = trim(mb)
     device = mb["prompt_ids"].device
     logits = student_response_logits(student, mb, dtype)  # (B, N, V)
+    logq = torch.log_softmax(upcast(logits), dim=-1)  # once: the sampled token's log-prob and the KL both read it
     mask = mb["mask"]
-    logp = token_logprobs(logits, mb["tokens"])
+    logp = logq.gather(-1, mb["tokens"].unsqueeze(-1)).squeeze(-1)  # (B, N)
     loss_long, clipped = long_term_loss(logp, mb["logp_student"], mb["w"], mb["adv"], args.clip_eps)
     loss = masked_sum(loss_long, mask)
     stats = {"loss_long": loss.item() / n_norm, "clipped": masked_sum(clipped.float(), mask).item()}
     if args.single_step:
-        kl_sum = masked_sum(single_step_kl(logits, mb["teacher_logits"].to(device)), mask)
+        logp_teacher = torch.log_softmax(upcast(mb["teacher_logits"].to(device, non_blocking=True)), dim=-1)
+        kl_sum = masked_sum(reverse_kl(logq, logp_teacher), mask)
         loss = loss + kl_sum
         stats["loss_single"] = kl_sum.item() / n_norm
     return loss / n_norm, stats
@@ -573,7 +680,7 @@ def pt_loss(student, teacher, chunk, kd_ratio, dtype):
     lm = F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten())  # token mean
     if kd_ratio == 0:
         return lm
-    with torch.no_grad():
+    with torch.no_grad(), autocast(chunk.device, dtype):
         zt = forward(teacher, chunk, attn)[:, :-1]
     return (1 - kd_ratio) * lm + kd_ratio * forward_kl(logits, zt).mean()
 
@@ -591,13 +698,13 @@ def cosine_lr(step, total, lr, min_lr, warmup=0):
 def sft_loss(model, ids, attn, labels, dtype, teacher=None, kd_ratio=0.0):
     """Token-mean CE on the response (labels != -100); with a teacher, (1-λ)·CE + λ·KL(p||q_θ)."""
     with autocast(ids.device, dtype):
-        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1]
     targets, mask = labels[:, 1:], (labels[:, 1:] != -100).float()
     ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
     loss_sum = masked_sum(ce.view_as(mask), mask)
     if teacher is not None and kd_ratio > 0:
-        with torch.no_grad():
-            zt = teacher(input_ids=ids, attention_mask=attn).logits[:, :-1]
+        with torch.no_grad(), autocast(ids.device, dtype):
+            zt = teacher(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1]
         loss_sum = (1 - kd_ratio) * loss_sum + kd_ratio * masked_sum(forward_kl(logits, zt), mask)
     return loss_sum, mask.sum()
 
@@ -692,19 +799,40 @@ def sft(model, tok, train, val, out_dir, args, lr, epochs, dtype, teacher=None, 
 # ----------------------------------------------------------------------------------------------------
 # MiniLLM distillation: collect rollouts from p~, then PPO-style epochs over them. Phase 2.
 
+def teacher_store(args, n_rollouts, vocab_size, dtype):
+    """The rollout buffer's one big tensor: the teacher's log p(·|y_<t) at every response position of a
+    collection, (R, max_new_tokens, V), allocated once and written in place while sampling. At the paper's sizes
+    256 × 256 × 50,257 × 2 bytes = 6.6 GB; --teacher-logits offload puts it in pinned CPU memory, recompute
+    keeps none and runs the teacher again on every micro-batch (the official code's way)."""
+    if args.teacher_logits == "recompute" or not args.single_step:
+        return None
+    offload = args.teacher_logits == "offload"
+    device = "cpu" if offload else args.device
+    pin = offload and torch.device(args.device).type == "cuda"  # pinned: the per-token copies do not block
+    return torch.zeros(n_rollouts, args.max_new_tokens, vocab_size, dtype=store_dtype(dtype), device=device, pin_memory=pin)
+
+
 @torch.no_grad()
-def collect_rollouts(student, teacher, prompts, args, eos_id, pad_id, dtype, generator=None):
-    """Sample len(prompts) rollouts in chunks of --gen-batch-size; add rewards r_t and advantages."""
+def collect_rollouts(student, teacher, prompts, args, eos_id, pad_id, dtype, generator=None, store=None):
+    """Sample len(prompts) rollouts in chunks of --gen-batch-size; add rewards r_t and advantages.
+    store: teacher_store()'s buffer, reused from one collection to the next (allocated here if None)."""
     student.eval()
+    if store is None:
+        store = teacher_store(args, len(prompts), n_logits(teacher), dtype)
     chunks = []
     for i in range(0, len(prompts), args.gen_batch_size):
         ids, attn = (x.to(args.device) for x in collate_prompts(prompts[i:i + args.gen_batch_size], pad_id))
         roll = sample_rollouts(student, teacher, ids, attn, eos_id, pad_id, args.max_new_tokens, args.alpha,
-                               args.temperature, args.top_p, args.top_k, dtype, keep_teacher_logits=args.single_step,
-                               logits_device="cpu" if args.teacher_logits_offload else None, generator=generator)
+                               args.temperature, args.top_p, args.top_k, dtype, keep_teacher_logits=store is not None,
+                               generator=generator, teacher_out=None if store is None else store[i:i + len(ids)])
+        roll.pop("teacher_logits", None)  # already in `store`
         roll["prompt_ids"], roll["prompt_mask"] = ids, attn
         chunks.append(roll)
     buf = concat_rollouts(chunks, pad_id)
+    if store is not None:  # a view; columns past a chunk's length hold finite leftovers, masked like all padding
+        buf["teacher_logits"] = store[:len(prompts), :buf["mask"].shape[1]]
+    if dtype != torch.float32:
+        buf["logp_student"] = recompute_logp_old(student, buf, args.micro_batch_size, dtype)
     mask = buf["mask"]
     r = rewards(buf["logp_teacher"], buf["logp_student"], mask, args.reward_scale, args.reward_clip)
     # Without the single-step term, r_t must be sampled inside the return again (paper's ablation).
@@ -722,15 +850,24 @@ def rollout_stats(buf, seconds):
             "len": n / rows, "reward": all_sum(buf["rewards"].sum()) / n, "sample_tok_s": n / seconds}
 
 
-def minillm_backward(model, mb, args, dtype, sync=True):
+def minillm_backward(model, mb, args, dtype, sync=True, teacher_logits=None, teacher=None):
     """Gradient of L_long + L_single on this rank's share of a minibatch, in micro-batches: a SUM over the
     whole (global) minibatch divided by its GLOBAL token or sequence count, whatever the micro-batch and the
-    number of ranks. sync=False: a later backward (L_PT) does the all-reduce. Returns the global losses."""
+    number of ranks. sync=False: a later backward (L_PT) does the all-reduce. Returns the global losses.
+    The teacher's log-probs: mb["teacher_logits"] if there, else the rows mb["rows"] of `teacher_logits` (the
+    collection's buffer: only a micro-batch's rows are ever copied), else a fresh teacher forward (recompute)."""
     n_norm = all_sum(normaliser(mb["mask"], args.normalize)) / world()  # ÷ world: DDP averages the ranks' gradients
     stats = {"loss_long": 0.0, "loss_single": 0.0, "clipped": 0.0}
     starts = range(0, mb["mask"].shape[0], args.micro_batch_size)
     for i in starts:
-        micro = {k: v[i:i + args.micro_batch_size] for k, v in mb.items()}
+        micro = trim({k: v[i:i + args.micro_batch_size] for k, v in mb.items()})
+        if args.single_step and "teacher_logits" not in micro:
+            N = micro["tokens"].shape[1]
+            if teacher_logits is not None:
+                micro["teacher_logits"] = teacher_logits[micro["rows"].to(teacher_logits.device), :N]
+            else:
+                with torch.no_grad():
+                    micro["teacher_logits"] = student_response_logits(teacher, micro, dtype)
         with grad_sync(model, last=sync and i == starts[-1]):
             loss, s = minillm_loss(model, micro, args, n_norm, dtype)
             loss.backward()
@@ -764,6 +901,7 @@ def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None
         print(f"minillm: resuming from step {start} of {resume}")
     logger = Logger(log_path, keep=log_lines)
     model = wrap_ddp(student, device)  # the losses run through DDP; sampling uses the bare student
+    store = teacher_store(args, min(args.rollouts, len(prompts)) // world(), n_logits(teacher), dtype)  # once, reused
     queue = []  # minibatch index lists still to train on for the current collection
     buf, step, saved = None, start, start
     for step in range(start + 1, args.steps + 1):
@@ -773,8 +911,9 @@ def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None
             t_s = time.time()
             n = min(args.rollouts, len(prompts)) // world() * world()  # an equal share for every rank
             batch_prompts = [prompts[i] for i in order_rng.sample(range(len(prompts)), n)]
+            buf = None  # the last collection's tensors go before the next one's arrive
             buf = collect_rollouts(student, teacher, batch_prompts[rank()::world()], args, tok.eos_token_id,
-                                   tok.pad_token_id, dtype, gen)
+                                   tok.pad_token_id, dtype, gen, store)
             roll_stats = rollout_stats(buf, time.time() - t_s)
             n, b = buf["tokens"].shape[0], args.batch_size // world()
             for _ in range(args.ppo_epochs):
@@ -783,9 +922,11 @@ def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None
         # ---- one optimizer step on a minibatch ----
         student.eval()  # no dropout during distillation, as the official code
         idx = torch.tensor(queue.pop(0))
-        mb = {k: v[idx.to(v.device)] for k, v in buf.items()}
+        mb = {k: v[idx.to(v.device)] for k, v in buf.items() if k != "teacher_logits"}  # (B, N) each: small
+        mb["rows"] = idx  # the teacher's (R, N, V) log-probs stay in the buffer; micro-batches read their rows
         use_pt = pt_stream is not None and args.pt_coef > 0
-        stats = minillm_backward(model, mb, args, dtype, sync=not use_pt)  # L_long + L_single
+        stats = minillm_backward(model, mb, args, dtype, sync=not use_pt, teacher_logits=buf.get("teacher_logits"),
+                                 teacher=teacher)  # L_long + L_single
         if use_pt:
             chunk = torch.stack([next(pt_stream) for _ in range(args.pt_batch_size // world())]).to(device)
             pt_used += chunk.shape[0]
@@ -834,21 +975,19 @@ def sample_model(model, prompt_ids, prompt_mask, eos_id, pad_id, max_new_tokens,
     """One model alone (evaluation, SeqKD's teacher data): -> (B, N) response tokens, pad_id after the first EOS
     (the EOS itself kept). Our own loop rather than model.generate, so a checkpoint's generation_config.json
     (repetition penalty, minimum length, ...) can never slip in."""
-    from transformers import DynamicCache
     assert not model.training, "sampling runs in eval mode (no dropout)"
-    cache = DynamicCache()
-    with autocast(prompt_ids.device, dtype):
-        z = forward(model, prompt_ids, prompt_mask, cache, logits_to_keep=1)[:, -1].float()  # (B, V)
+    cache = new_cache(model)
     attn, done, out = prompt_mask, torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device), []
-    for t in range(max_new_tokens):
-        y = z.argmax(-1) if greedy else draw(filter_probs(torch.softmax(z / temperature, -1), top_k, top_p), generator)
-        y = torch.where(done, torch.full_like(y, pad_id), y)
-        out.append(y)
-        done = done | (y == eos_id)
-        if done.all() or t == max_new_tokens - 1:
-            break  # no forward for the last token: nothing conditions on it
-        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-        with autocast(prompt_ids.device, dtype):
+    with autocast(prompt_ids.device, dtype):  # one region: the weights' bf16 copies are made once
+        z = forward(model, prompt_ids, prompt_mask, cache, logits_to_keep=1)[:, -1].float()  # (B, V)
+        for t in range(max_new_tokens):
+            y = z.argmax(-1) if greedy else draw(filter_probs(torch.softmax(z / temperature, -1), top_k, top_p), generator)
+            y = torch.where(done, torch.full_like(y, pad_id), y)
+            out.append(y)
+            done = done | (y == eos_id)
+            if done.all() or t == max_new_tokens - 1:
+                break  # no forward for the last token: nothing conditions on it
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
             z = forward(model, y[:, None], attn, cache)[:, -1].float()
     return torch.stack(out, dim=1)
 
@@ -878,10 +1017,10 @@ def seqkd_data(teacher_path, tok, train_rec, path, args, dtype):
     if os.path.exists(path):
         print(f"seqkd: reusing teacher data {path}")
         return load_records(path)
-    teacher = load_model(teacher_path, args.device, dtype, args.trust_remote_code)
+    teacher = load_model(teacher_path, args.device, dtype, args.trust_remote_code, len(tok))
     prompts, kept = [], []
     for r in train_rec:
-        ex = tokenize_example(tok, r, args.max_prompt_len, args.max_len)
+        ex = tokenize_example(tok, r, args.max_prompt_len, args.max_len, args.template)
         if ex is not None:
             prompts.append(ex[0])
             kept.append(r)
@@ -907,11 +1046,11 @@ def sft_stage(path, init, tok, train, val, args, lr, epochs, dtype, teacher_path
         return path
     set_seed(args.seed + rank())  # every stage starts from the seed, so a stage started by a rerun starts the same
     resume = find_checkpoint(Path(path) / "ckpt")
-    model = load_model(resume or init, args.device, torch.float32, args.trust_remote_code)
+    model = load_model(resume or init, args.device, torch.float32, args.trust_remote_code, len(tok))
     teacher = None
     if kd_ratio > 0:
-        teacher = load_model(teacher_path, args.device, dtype, args.trust_remote_code).eval().requires_grad_(False)
-        assert n_logits(teacher) == n_logits(model), "vocabularies were checked at start-up (check_teacher_vocab)"
+        teacher = load_model(teacher_path, args.device, dtype, args.trust_remote_code, len(tok)).eval().requires_grad_(False)
+        assert n_logits(teacher) == n_logits(model), "one tokenizer (check_teacher_vocab), so one shared vocabulary"
     sft(model, tok, train, val, path, args, lr, epochs, dtype, teacher, kd_ratio, resume)
     return path
 
@@ -934,14 +1073,14 @@ def run(args):
           + (f" | {world()} processes" if world() > 1 else ""))
 
     # Every input is checked before the run folder is touched (errors: one line, exit status 2).
-    tok = load_tokenizer(args.student, args.trust_remote_code)
+    tok = load_tokenizer(args.student, args.trust_remote_code, args.template)
     records = load_records(args.data, required=("instruction", "output"))
     if len(records) <= args.val_size:
         die(f"{args.data} has {len(records)} records and the first --val-size {args.val_size} are the validation set: "
             "none is left to train on; lower --val-size")
     val_rec, train_rec = records[:args.val_size], records[args.val_size:]
-    train = tokenize_dataset(tok, train_rec, args.max_prompt_len, args.max_len, "train")
-    val = tokenize_dataset(tok, val_rec, args.max_prompt_len, args.max_len, "val")
+    train = tokenize_dataset(tok, train_rec, args.max_prompt_len, args.max_len, "train", args.template)
+    val = tokenize_dataset(tok, val_rec, args.max_prompt_len, args.max_len, "val", args.template)
     if args.method != "sft":
         check_teacher_vocab(args.teacher, tok, args)
     check_world(args, len(train))
@@ -959,7 +1098,7 @@ def run(args):
         return
     if args.method == "seqkd":  # SFT on the teacher's own samples
         rows = seqkd_data(teacher_path, tok, train_rec, out / "seqkd" / "teacher_data.jsonl", args, dtype)
-        seq_train = tokenize_dataset(tok, rows, args.max_prompt_len, args.max_len, "seqkd train")
+        seq_train = tokenize_dataset(tok, rows, args.max_prompt_len, args.max_len, "seqkd train", args.template)
         path = sft_stage(str(out / "seqkd"), args.student, tok, seq_train, val, args, args.student_lr, args.student_epochs,
                          dtype, teacher_path, args.seqkd_kd_ratio)
         print(f"done: {path}")
@@ -981,9 +1120,9 @@ def run(args):
         return
     set_seed(args.seed + rank())
     resume = find_checkpoint(Path(minillm_path) / "ckpt")
-    teacher = load_model(teacher_path, args.device, dtype, args.trust_remote_code).eval().requires_grad_(False)
-    student = load_model(resume or student_path, args.device, torch.float32, args.trust_remote_code)
-    assert n_logits(teacher) == n_logits(student), "vocabularies were checked at start-up (check_teacher_vocab)"
+    teacher = load_model(teacher_path, args.device, dtype, args.trust_remote_code, len(tok)).eval().requires_grad_(False)
+    student = load_model(resume or student_path, args.device, torch.float32, args.trust_remote_code, len(tok))
+    assert n_logits(teacher) == n_logits(student), "one tokenizer (check_teacher_vocab), so one shared vocabulary"
     pt_stream = None
     if args.pt_data != "none" and args.pt_coef > 0:  # each rank reads every world()-th chunk
         pt_stream = islice(pt_chunks(args.pt_data, tok, args.pt_seq_len, args.seed), rank(), None, world())
@@ -1073,17 +1212,32 @@ def cannot_load(name, e):
         "network (HF_HUB_OFFLINE=1 uses the local cache only)")
 
 
-def load_tokenizer(name, trust_remote_code=False):
+def load_tokenizer(name, trust_remote_code=False, template="alpaca"):
     from transformers import AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:  # not on disk, not on the hub, offline, needs remote code
         cannot_load(name, e)
+    if template == "chat":
+        use_chat_end_token(tok, name)
     if tok.eos_token_id is None:
         die(f"the tokenizer of {name} has no EOS token; MiniLLM needs one to end responses (set eos_token in its tokenizer_config.json)")
     if tok.pad_token_id is None:  # padding is always masked by attention_mask, never by comparing ids
         tok.pad_token = tok.eos_token
     return tok
+
+
+def use_chat_end_token(tok, name):
+    """--template chat: a response ends with the token the chat template closes an assistant turn with
+    (<|im_end|> for Qwen and SmolLM2, <|eot_id|> for Llama 3, <end_of_turn> for Gemma), which is what sampling
+    stops at and what SFT teaches; it becomes the tokenizer's EOS (saved with every checkpoint)."""
+    if not getattr(tok, "chat_template", None):
+        die(f"the tokenizer of {name} has no chat template; use --template alpaca, or a tokenizer with one")
+    turn = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "OK"}]
+    text = tok.apply_chat_template(turn, tokenize=False)
+    after = tok(text[text.rindex("OK") + 2:], add_special_tokens=False)["input_ids"]
+    if after and after[0] in tok.all_special_ids + [t for t in tok.added_tokens_decoder] and after[0] != tok.eos_token_id:
+        tok.eos_token = tok.convert_ids_to_tokens(after[0])
 
 
 def load_config(name, trust_remote_code=False):
@@ -1094,26 +1248,34 @@ def load_config(name, trust_remote_code=False):
         cannot_load(name, e)
 
 
-def load_model(name, device, dtype=torch.float32, trust_remote_code=False):
+def load_model(name, device, dtype=torch.float32, trust_remote_code=False, vocab_size=None):
     """Weights in `dtype`. Trained models stay fp32 (master weights) and run under bf16 autocast:
     pure-bf16 weights would lose AdamW updates at lr 5e-6. We save safetensors; transformers reads an older
-    pytorch_model.bin with torch.load(weights_only=True), so no checkpoint can run code either way."""
+    pytorch_model.bin with torch.load(weights_only=True), so no checkpoint can run code either way.
+    vocab_size: the tokenizer's length; the head returns fp32 logits for these tokens only (fp32_head)."""
     from transformers import AutoModelForCausalLM
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         cannot_load(name, e)
-    return model.to(device)
+    if vocab_size and vocab_size > n_logits(model):
+        die(f"{name} has {n_logits(model)} logits but its tokenizer {vocab_size} tokens; resize its embeddings "
+            "(model.resize_token_embeddings) or use the tokenizer it was trained with")
+    return fp32_head(model, vocab_size).to(device)
 
 
 def check_same_vocab(tok_t, tok_s, vt, vs):
-    """MiniLLM compares p and q_θ token by token: both must index the same vocabulary.
-    vt, vs: the number of logits of teacher and student; the tokens are compared on a sample of ~100 ids."""
-    same_ids = all(tok_t.convert_ids_to_tokens(i) == tok_s.convert_ids_to_tokens(i) for i in range(0, len(tok_s), max(1, len(tok_s) // 97)))
-    if vt != vs or len(tok_t) != len(tok_s) or not same_ids:
-        die(f"teacher and student vocabularies differ ({vt} vs {vs} logits, {len(tok_t)} vs {len(tok_s)} tokens"
-            f"{'' if same_ids else ', different tokens at the same ids'}); MiniLLM needs a shared tokenizer: pick a teacher "
-            "and a student of the same family")
+    """MiniLLM compares p and q_θ token by token: both must index the same tokens. The tokenizers must be the
+    same; the models may pad their embedding matrices differently (vt, vs logits: Qwen2.5-1.5B has 151,936,
+    Qwen2.5-7B 152,064, for the same 151,665 tokens), since fp32_head keeps the shared tokens only."""
+    if tok_t.get_vocab() != tok_s.get_vocab():
+        diff = len(set(tok_t.get_vocab().items()) ^ set(tok_s.get_vocab().items()))
+        die(f"teacher and student tokenizers differ ({len(tok_t)} vs {len(tok_s)} tokens, {diff} (token, id) pairs not "
+            "shared); MiniLLM compares p and q_θ token by token, which needs one tokenizer: pick a teacher and a student "
+            "of the same family (distilling across tokenizers needs a token alignment this code does not do)")
+    for who, v in (("teacher", vt), ("student", vs)):
+        if v < len(tok_s):
+            die(f"the {who} has {v} logits for {len(tok_s)} tokens; resize its embeddings or use its own tokenizer")
 
 
 def check_teacher_vocab(teacher, tok, args):
@@ -1293,7 +1455,7 @@ def maybe_stop(args, stage, steps_done, step):
 # Flags that change neither the method nor its numbers beyond float rounding (memory, logging, device):
 # a run folder accepts a rerun that changes them, e.g. a smaller micro-batch after an out-of-memory crash.
 HARMLESS = {"log_interval", "save_interval", "stop_after", "overwrite", "method", "device", "micro_batch_size",
-            "sft_micro_batch_size", "gen_batch_size", "teacher_logits_offload"}
+            "sft_micro_batch_size", "gen_batch_size", "teacher_logits"}
 STAGES = ["teacher-sft", "student-sft", "minillm", "sft", "kd", "seqkd"]
 
 
