@@ -179,7 +179,7 @@ def bad_inputs(f):
         "record without instruction": (dict(data=root / "no-instruction.jsonl"), r"no 'instruction' field"),
         "all prompts too long": (dict(max_prompt_len=3), r"no examples left: all 9 prompts are longer than --max-prompt-len 3"),
         "nothing left after val": (dict(val_size=12), r"none is left to train on"),
-        "vocabularies differ": (dict(teacher=root / "other-vocab"), r"vocabularies differ .*shared tokenizer"),
+        "vocabularies differ": (dict(teacher=root / "other-vocab"), r"tokenizers differ .*needs one tokenizer"),
         "tokenizer without EOS": (dict(student=root / "no-eos"), r"has no EOS token"),
         "alpha > 1": (dict(alpha=1.5), r"--alpha must be in \[0, 1\], got 1.5"),
         "alpha NaN": (dict(alpha="nan"), r"--alpha must be in \[0, 1\]"),
