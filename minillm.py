@@ -403,7 +403,7 @@ def pt_chunks(spec, tok, seq_len, seed=0):
         if spec.endswith(".jsonl"):
             texts = [r["text"] for r in load_records(spec, required=("text",))]
         else:
-            texts = [t for t in read_text(spec).split("\n\n") if t.strip()]
+            texts = [t for t in read_text(spec, "pre-training corpus").split("\n\n") if t.strip()]
         source = lambda: iter(texts)  # noqa: E731
     else:
         import datasets
@@ -1162,13 +1162,17 @@ def read_text(path, what="file"):
         data = Path(path).read_bytes()
     except OSError as e:
         die(f"cannot read {what} {path} ({e.strerror}); check the path and its permissions")
+    bad = data.find(b"\0")  # valid UTF-8, but no text file holds NUL bytes: UTF-16 without a BOM, or binary
     try:
-        return data.decode("utf-8-sig").replace("\r\n", "\n")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        kind = "UTF-16 text (it starts with a UTF-16 byte-order mark)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else \
-            f"UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})"
-        die(f"{path}:{line}: not {kind}; save the {what} as UTF-8")
+        bad = e.start if bad < 0 else min(bad, e.start)
+    if bad >= 0:
+        line = data.count(b"\n", 0, bad) + 1
+        kind = "UTF-16 text, not UTF-8 (it starts with a UTF-16 byte-order mark)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") \
+            else f"not UTF-8 text (byte 0x{data[bad]:02x} at offset {bad}{': UTF-16 or binary' if data[bad] == 0 else ''})"
+        die(f"{path}:{line}: {kind}; save the {what} as UTF-8")
+    return text.replace("\r\n", "\n")
 
 
 
