@@ -48,8 +48,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minillm import (autocast, collate_prompts, collate_sft, decode_response, forward, load_model,
-                     load_records, load_tokenizer, prompt_text, resolve_dtype, sample_model, set_seed, tokenize_example)
+from minillm import (autocast, check_device, collate_prompts, collate_sft, decode_response, die, forward,
+                     load_config, load_model, load_records, load_tokenizer, prompt_text, resolve_dtype, sample_model,
+                     set_seed, tokenize_example)
 
 # ----------------------------------------------------------------------------------------------------
 # The official test sets (NOTES §5). Hub repositories of raw files; the official evaluation reads
@@ -101,9 +102,25 @@ def build_parser():
 
 
 def parse_args(argv=None):
+    """Bad input stops here with one line and exit status 2 (minillm.die), as minillm.py: nothing is loaded yet."""
     args = build_parser().parse_args(argv)
-    if args.temperature <= 0:
-        raise SystemExit(f"error: --temperature must be > 0 (use --greedy for argmax decoding), got {args.temperature}")
+    if not args.temperature > 0:
+        die(f"--temperature must be > 0 (use --greedy for argmax decoding), got {args.temperature}")
+    for name in ["max_new_tokens", "max_prompt_len", "batch_size"]:
+        if not getattr(args, name) > 0:
+            die(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ["limit", "top_k"]:
+        if not getattr(args, name) >= 0:
+            die(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not 0.0 < args.top_p <= 1.0:
+        die(f"--top-p must be in (0, 1], got {args.top_p}")
+    bad_seeds = [s for s in args.seeds if not 0 <= s < 2 ** 63]
+    if bad_seeds:
+        die(f"--seeds must be in [0, 2^63), got {bad_seeds[0]}")
+    if len(set(args.seeds)) < len(args.seeds):  # the same seed twice would overwrite its own generations
+        die(f"--seeds lists a seed twice: {' '.join(map(str, args.seeds))}")
+    check_device(args.device)
+    check_writable(args.out)
     if args.greedy and len(args.seeds) > 1:
         print(f"--greedy: decoding is deterministic, running seed {args.seeds[0]} only")
         args.seeds = args.seeds[:1]
@@ -188,25 +205,25 @@ def load_test_set(spec, limit=0):
     elif os.path.exists(spec):
         repo, filename, keep, name = None, spec, None, Path(spec).stem
     elif spec.endswith((".jsonl", ".json")) and ":" not in spec:
-        raise SystemExit(f"error: test file {spec} not found")
+        die(f"test file {spec} not found")
     elif ":" in spec:
         (repo, filename), keep, name = spec.split(":", 1), None, spec
     else:
-        raise SystemExit(f"error: unknown test set {spec!r}; use one of {', '.join(TEST_SETS)}, all, a .jsonl file or HUB_REPO:FILE")
+        die(f"unknown test set {spec!r}; use one of {', '.join(TEST_SETS)}, all, a .jsonl file or HUB_REPO:FILE")
     if repo is not None:
         import huggingface_hub  # lazily: only the hub path needs it
         try:
             filename = huggingface_hub.hf_hub_download(repo_id=repo, filename=filename, repo_type="dataset")
         except Exception as e:  # offline, no such repo or file: one line that says which file
             reason = (str(e).splitlines() or [""])[0]
-            raise SystemExit(f"error: could not fetch {filename} of the hub dataset {repo}: {type(e).__name__}: {reason}")
-    records = load_records(filename)[:keep]  # a malformed line stops with file:line
+            die(f"could not fetch {filename} of the hub dataset {repo}: {type(e).__name__}: {reason}")
+    # a malformed line, a record without `instruction` (or `prompt`) or `output`, a field of the wrong type:
+    # one line with file:line (minillm.check_record)
+    records = load_records(filename, required=("instruction", "output"))[:keep]
     records = records[:limit] if limit > 0 else records
+    if not records:
+        die(f"test set {spec} has no records")
     for i, r in enumerate(records):
-        if "prompt" not in r and "instruction" not in r:
-            raise SystemExit(f"error: {spec} record {i} has neither `prompt` nor `instruction`")
-        if not as_references(r.get("output", [])):
-            raise SystemExit(f"error: {spec} record {i} has no reference `output` to score against")
         if "prompt" in r:  # the official .txt-derived prompts write newlines as <n> (LMOps prompt_datasets.py)
             records[i] = {**r, "prompt": r["prompt"].replace("<n>", "\n")}
     return name, records
@@ -243,12 +260,25 @@ def prepare(tok, records, max_prompt_len, max_new_tokens, name="test", template=
 sample = sample_model  # minillm's single-model sampler: KV cache, left padding, exact inverse-CDF draw
 
 
-def check_context(model, examples, max_new_tokens):
+def check_context(config, examples, max_new_tokens, name="the model"):
     """GPT-2 has 1024 positions; a prompt + response that does not fit fails deep inside the model."""
-    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    config = config.get_text_config()
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     longest = max(len(ex["prompt_ids"]) for ex in examples) + max_new_tokens
     if limit and longest > limit:
-        raise SystemExit(f"error: prompt + --max-new-tokens = {longest} tokens exceeds the model's {limit} positions")
+        die(f"prompt + --max-new-tokens = {longest} tokens exceeds the {limit} positions of {name}; lower --max-new-tokens "
+            "or --max-prompt-len")
+
+
+def check_writable(out):
+    """--out must be a folder we can create or write in, checked before hours of sampling (nothing is created yet)."""
+    p = Path(out).absolute()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        die(f"--out {out}: {p} is a file, not a folder; give another --out")
+    if not os.access(p, os.W_OK | os.X_OK):
+        die(f"--out {out}: cannot write in {p} (permission denied); give another --out")
 
 
 def generate(model, tok, examples, seed, args, dtype, desc=""):
@@ -365,17 +395,25 @@ def main(argv=None):
     args = parse_args(argv)
     dtype = resolve_dtype(args)
     test_sets = [load_test_set(s, args.limit) for s in expand_data(args.data)]  # fail fast, before any model loads
-    out = Path(args.out)
-    results = {}
+    # Every model resolves (tokenizer, config) and every test set fits it before the first model is evaluated
+    prepared = {}
     for model_name in args.model:
-        tok = load_tokenizer(model_name, template=args.template)
-        model = load_model(model_name, args.device, dtype, vocab_size=len(tok)).eval()
-        results[model_name] = {}
+        tok, config = load_tokenizer(model_name, template=args.template), load_config(model_name)
+        prepared[model_name] = tok, {}
         for data_name, records in test_sets:
             examples = prepare(tok, records, args.max_prompt_len, args.max_new_tokens, name=data_name, template=args.template)
             if not examples:
-                raise SystemExit(f"error: {data_name}: every prompt is longer than --max-prompt-len {args.max_prompt_len}")
-            check_context(model, examples, args.max_new_tokens)
+                die(f"{data_name}: every prompt is longer than --max-prompt-len {args.max_prompt_len}")
+            check_context(config, examples, args.max_new_tokens, model_name)
+            prepared[model_name][1][data_name] = examples
+    out = Path(args.out)
+    results = {}
+    for model_name in args.model:
+        tok, examples_of = prepared[model_name]
+        model = load_model(model_name, args.device, dtype, vocab_size=len(tok)).eval()
+        results[model_name] = {}
+        for data_name, records in test_sets:
+            examples = examples_of[data_name]
             lm_loss = gold_lm_loss(model, tok, examples, args, dtype)
             per_seed = {}
             for seed in args.seeds:

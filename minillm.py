@@ -171,6 +171,22 @@ def check_args(args):
             die(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     if not 0.0 < args.top_p <= 1.0:
         die(f"--top-p must be in (0, 1], got {args.top_p}")
+    check_device(args.device)
+
+
+def check_device(device):
+    """A device this machine does not have would fail at the first tensor moved there: say so now."""
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        die(f"--device {device} is not a device name; use cpu, cuda or cuda:N")
+    if d.type == "cuda" and not torch.cuda.is_available():
+        die(f"--device {device}: this machine has no CUDA GPU visible to torch {torch.__version__} (a CPU-only build, or no "
+            "driver); use --device cpu")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        die(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        die(f"--device {device}: MPS is not available here; use --device cpu")
 
 
 def parse_args(argv=None, defaults=None, parser=None):
@@ -397,9 +413,9 @@ def pt_chunks(spec, tok, seq_len, seed=0):
     Hub datasets are streamed, so OpenWebText is never downloaded whole."""
     if os.path.exists(spec):
         if spec.endswith(".jsonl"):
-            texts = [r["text"] for r in load_records(spec)]
+            texts = [r["text"] for r in load_records(spec, required=("text",))]
         else:
-            texts = [t for t in Path(spec).read_text().split("\n\n") if t.strip()]
+            texts = [t for t in read_text(spec, "pre-training corpus").split("\n\n") if t.strip()]
         source = lambda: iter(texts)  # noqa: E731
     else:
         import datasets
@@ -1084,7 +1100,8 @@ def run(args):
     if args.method != "sft":
         check_teacher_vocab(args.teacher, tok, args)
     check_world(args, len(train))
-    check_pt_data(args)
+    check_positions(args, train + val)
+    check_pt_data(args, tok)
     prepare_out(out, args)  # refuses a folder that holds a run with other arguments; saves args.json
 
     # (a) teacher SFT (every method but plain SFT needs the teacher)
@@ -1143,11 +1160,39 @@ def check_world(args, n_train):
         die(f"{n_train} training examples for {w} processes; use fewer processes or more data")
 
 
-def check_pt_data(args):
-    """A local L_PT corpus that is not there would only fail at the first distillation step, hours in."""
-    used = args.method == "minillm" and args.pt_data != "none" and args.pt_coef > 0
-    if used and looks_like_a_path(args.pt_data) and not os.path.exists(args.pt_data):
+def uses_pt(args):
+    return args.method == "minillm" and args.pt_data != "none" and args.pt_coef > 0
+
+
+def check_pt_data(args, tok):
+    """The L_PT corpus is first read at the first distillation step, after both SFT stages (hours in): open it
+    now and read and tokenise its first chunk with the very reader training uses."""
+    if not uses_pt(args):
+        return
+    if looks_like_a_path(args.pt_data) and not os.path.exists(args.pt_data):
         die(f"pre-training corpus {args.pt_data} not found; give an existing .txt/.jsonl file, a hub dataset, or --pt-data none")
+    try:
+        next(pt_chunks(args.pt_data, tok, args.pt_seq_len, args.seed))
+    except Exception as e:  # a hub dataset that cannot be streamed (offline, a typo, no `text` column): many types
+        die(f"cannot read the pre-training corpus {args.pt_data!r} ({type(e).__name__}: {first_line(e)}); give a local "
+            ".txt/.jsonl file, check the name and the network, or use --pt-data none")
+
+
+def check_positions(args, examples):
+    """Learned position embeddings (GPT-2, OPT) fail deep inside the model on a longer sequence ("index out of
+    range in self"): every length a stage will feed the models must fit their positions."""
+    need = {"--max-len": max(len(p) + len(r) for p, r in examples)}  # the longest SFT example, after truncation
+    if args.method in ("minillm", "seqkd"):  # rollouts: the longest prompt + the sampled response
+        need["--max-new-tokens"] = max(len(p) for p, _ in examples) + args.max_new_tokens
+    if uses_pt(args):
+        need["--pt-seq-len"] = args.pt_seq_len
+    for name in [args.student] + ([args.teacher] if args.method != "sft" else []):
+        cfg = load_config(name, args.trust_remote_code).get_text_config()
+        limit = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+        for flag, n in need.items():
+            if limit and n > limit:
+                die(f"{name} has {limit} positions and {flag} asks for sequences of {n} tokens; lower {flag} "
+                    f"(or --max-prompt-len)")
 
 
 # ========================================== PLUMBING ==========================================
@@ -1158,18 +1203,19 @@ def check_pt_data(args):
 
 def load_records(spec, split="train", required=()):
     """A local .jsonl (one object per line) or a hub dataset name -> list of dicts, each with the `required` keys.
-    Bad input stops with the file and line number."""
+    Bad input stops with the file and line number. Blank lines, a BOM and CRLF line ends are accepted."""
     if os.path.exists(spec):
         rows = []
-        with open(spec) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    die(f"{spec}:{n}: not valid JSON ({e.msg}); fix or delete that line")
-                check_record(rows[-1], required, f"{spec}:{n}")
+        for n, line in enumerate(read_text(spec, "data file").split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                die(f"{spec}:{n}: not valid JSON ({e.msg}); fix or delete that line")
+            except (ValueError, RecursionError) as e:  # an integer of > 4300 digits, arrays nested thousands deep
+                die(f"{spec}:{n}: JSON that Python cannot read ({type(e).__name__}: {first_line(e)[:100]}); fix or delete that line")
+            check_record(rows[-1], required, f"{spec}:{n}")
         return rows
     if looks_like_a_path(spec):
         die(f"data file {spec} not found; give an existing .jsonl file (one JSON object per line) or a hub dataset name")
@@ -1179,9 +1225,33 @@ def load_records(spec, split="train", required=()):
     except Exception as e:  # offline, a typo, no such split: `datasets` raises many unrelated types
         die(f"cannot load the dataset {spec!r} ({type(e).__name__}: {first_line(e)}); give a local .jsonl file, "
             "or check the name and the network")
+    # A hub dataset is a table: a field that some records lack is None in them, as if absent
+    rows = [{k: v for k, v in rec.items() if v is not None} for rec in rows]
     for i, rec in enumerate(rows):
         check_record(rec, required, f"{spec} record {i}")
     return rows
+
+
+def read_text(path, what="file"):
+    """A local text file that must be UTF-8 (an initial BOM is skipped, CRLF line ends become LF). A folder, an
+    unreadable file or other bytes (UTF-16, binary) stop with the file and the line of the first bad byte."""
+    if os.path.isdir(path):
+        die(f"{what} {path} is a folder; give a file")
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        die(f"cannot read {what} {path} ({e.strerror}); check the path and its permissions")
+    bad = data.find(b"\0")  # valid UTF-8, but no text file holds NUL bytes: UTF-16 without a BOM, or binary
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        bad = e.start if bad < 0 else min(bad, e.start)
+    if bad >= 0:
+        line = data.count(b"\n", 0, bad) + 1
+        kind = "UTF-16 text, not UTF-8 (it starts with a UTF-16 byte-order mark)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") \
+            else f"not UTF-8 text (byte 0x{data[bad]:02x} at offset {bad}{': UTF-16 or binary' if data[bad] == 0 else ''})"
+        die(f"{path}:{line}: {kind}; save the {what} as UTF-8")
+    return text.replace("\r\n", "\n")
 
 
 def looks_like_a_path(spec):
@@ -1193,12 +1263,26 @@ def first_line(e):
 
 
 def check_record(rec, required, where):
+    """The fields that tokenisation reads must be strings (`output` may also be a non-empty list of references,
+    as the test sets have): a number or null would otherwise fail deep inside the tokenizer or the model."""
     if not isinstance(rec, dict):
         die(f"{where}: expected a JSON object, got {type(rec).__name__}")
     # `prompt` (an already formatted prompt, as some test sets have) stands in for `instruction`
     missing = [k for k in required if k not in rec and not (k == "instruction" and "prompt" in rec)]
     if missing:
         die(f"{where}: the record has no {missing[0]!r} field; every record needs {' and '.join(map(repr, required))}")
+    for k in [k for k in dict.fromkeys([*required, "instruction", "input", "output", "prompt"]) if k in rec]:
+        v = rec[k]
+        refs = k == "output" and isinstance(v, list) and len(v) > 0 and all(isinstance(x, str) for x in v)
+        if not (isinstance(v, str) or refs):
+            shown = json.dumps(v, default=str)
+            die(f"{where}: {k!r} must be a string{' or a non-empty list of strings' if k == 'output' else ''}, got "
+                f"{shown[:60] + ('...' if len(shown) > 60 else '')}; fix that record")
+        for text in v if refs else [v]:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate escape (\ud800-\udfff): no tokenizer can read it
+                die(f"{where}: {k!r} holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff); fix that record")
 
 
 def resolve_dtype(args):
