@@ -166,7 +166,7 @@ def gpt2(layers, width, heads, device, dtype, seed):
     torch.manual_seed(seed)
     with torch.device(device):  # initialise in place: a 1.5B model initialised on the CPU takes minutes
         model = GPT2LMHeadModel(cfg)
-    return model.to(dtype).eval()
+    return M.fp32_head(model.to(dtype).eval())  # as minillm.load_model: fp32 logits from the LM head
 
 
 class FakeTokenizer:
@@ -256,11 +256,14 @@ def bench_teacher_evals(student, teacher, prompts, pt_stream, sh, device, dtype)
 def step_jobs(student, teacher, prompts, pt_stream, sh, device, dtype):
     """The step (with and without L_PT) and its four parts, as jobs for measure()."""
     jobs = {}
-    for pt in (True, False):
-        def step(args=distill_args(sh, device, pt), stream=pt_stream if pt else None):
+    for name, pt, mode in [("step", True, "keep"), ("step_no_pt", False, "keep"), ("step_recompute", True, "recompute")]:
+        args = distill_args(sh, device, pt)
+        args.teacher_logits = mode  # recompute: no logit buffer, a teacher forward per micro-batch (the official way)
+
+        def step(args=args, stream=pt_stream if pt else None):
             with quiet_distill(), tempfile.TemporaryDirectory() as tmp:
                 M.distill(student, teacher, FakeTokenizer(), prompts, tmp, args, dtype, stream)
-        jobs["step" if pt else "step_no_pt"] = step
+        jobs[name] = step
 
     # The parts, each alone, on the same shapes and with the same code the step runs.
     args = distill_args(sh, device, pt=True)
@@ -281,6 +284,9 @@ def step_jobs(student, teacher, prompts, pt_stream, sh, device, dtype):
             loss, _ = M.minillm_loss(student, micro, args, n_norm, dtype)
             loss.backward()
 
+    def recompute():  # what a bf16 run adds to each collection: log q_old by the loss's own forward
+        M.recompute_logp_old(student, buf, args.micro_batch_size, dtype)
+
     def pt_backward():
         chunk = torch.stack([next(pt_stream) for _ in range(args.pt_batch_size)]).to(device)
         (args.pt_coef * M.pt_loss(student, teacher, chunk, args.pt_kd_ratio, dtype)).backward()
@@ -295,7 +301,7 @@ def step_jobs(student, teacher, prompts, pt_stream, sh, device, dtype):
         opt.zero_grad(set_to_none=True)
 
     jobs.update(part_sampling=(sampling, zero), part_loss_backward=(loss_backward, zero), part_pt=(pt_backward, zero),
-                part_optimizer=(opt_step, fill_grads))
+                part_optimizer=(opt_step, fill_grads), recompute_logp_old=(recompute, zero))
     return jobs
 
 
@@ -378,8 +384,38 @@ def trl_job(student, teacher, ids, attn, sh, device, dtype, micro=0):
 # Report.
 
 def teacher_logits_bytes(rollouts=256, n=256, vocab=V, bytes_per=2):
-    """Keeping the teacher's logits of one collection (paper: 256 rollouts × 256 tokens × V, bf16)."""
+    """Keeping the teacher's log-probs of one collection (paper: 256 rollouts × 256 tokens × V, 2 bytes)."""
     return rollouts * n * vocab * bytes_per
+
+
+# Published shapes: parameters, layers, K/V width per layer (heads × head dim, GQA included), shared vocabulary.
+PAIRS = {
+    "gpt2-xl -> gpt2 (paper)": (dict(params=1.558e9, layers=48, kv=1600), dict(params=124e6, layers=12, kv=768), 50257),
+    "OPT-13B -> OPT-1.3B (paper)": (dict(params=12.85e9, layers=40, kv=5120), dict(params=1.316e9, layers=24, kv=2048), 50265),
+    "LLaMA-13B -> LLaMA-7B (paper)": (dict(params=13.0e9, layers=40, kv=5120), dict(params=6.74e9, layers=32, kv=4096), 32000),
+    "Qwen2.5-7B -> Qwen2.5-1.5B": (dict(params=7.62e9, layers=28, kv=512), dict(params=1.54e9, layers=28, kv=256), 151665),
+}
+
+
+def memory_plan(teacher, student, vocab, rollouts=256, prompt=256, new=256, gen_batch=64, micro=16):
+    """Peak GPU memory of one rank, computed from shapes (bytes), for each --teacher-logits mode, with the paper's
+    sizes. Weights: teacher bf16 (2 B/param); student fp32 weights + grads + AdamW moments (16 B/param) + the bf16
+    copies autocast makes (2 B/param). Sampling: both KV caches (bf16) for gen_batch rows of prompt + new tokens.
+    The rollout buffer: the teacher's log-probs, rollouts × new × vocab × 2 B. The loss: about six fp32
+    (micro, new, vocab) tensors alive at once (logits, log q, q, the teacher's log p, two gradients)."""
+    weights = 2 * teacher["params"] + 18 * student["params"]
+    kv = sum(2 * m["layers"] * m["kv"] * (prompt + new) * gen_batch * 2 for m in (teacher, student))
+    loss = 6 * micro * new * vocab * 4
+    buffer = rollouts * new * vocab * 2
+    plan = {}
+    for mode in ["keep", "offload", "recompute"]:
+        on_gpu = buffer if mode == "keep" else micro * new * vocab * 2 if mode == "offload" else 0
+        plan[mode] = dict(gpu=weights + max(kv, loss) + on_gpu, cpu_pinned=buffer if mode == "offload" else 0)
+    return dict(weights=weights, kv_cache=kv, loss_logits=loss, teacher_logprob_buffer=buffer, modes=plan)
+
+
+def memory_table():
+    return {name: memory_plan(t, s, v) for name, (t, s, v) in PAIRS.items()}
 
 
 def main(argv=None):
@@ -445,11 +481,14 @@ def run(a, device):
         "timings_s": {"sample_ours": med(samp["ours"]), "generate_student": med(samp["generate_student"]),
                       "generate_teacher": med(samp["generate_teacher"]), "step": med(step["step"]),
                       "step_no_pt": med(step["step_no_pt"]), **{k: med(step[k]) for k in parts},
+                      "step_recompute": med(step["step_recompute"]), "recompute_logp_old": med(step["recompute_logp_old"]),
                       "trl_step": med(trl_res["step"]) if trl_res else None},
         "timings_all_s": {k: v["all_s"] for k, v in step.items()},
         "peak_memory_bytes": {"sample_ours": samp["ours"]["peak_bytes"], "generate_student": samp["generate_student"]["peak_bytes"],
                               "generate_teacher": samp["generate_teacher"]["peak_bytes"], "step": step["step"]["peak_bytes"],
                               "step_no_pt": step["step_no_pt"]["peak_bytes"], "trl_step": trl_res["step"]["peak_bytes"] if trl_res else None,
+                              "step_recompute": step["step_recompute"]["peak_bytes"],
+                              **{k: step[k]["peak_bytes"] for k in parts},
                               "kind": "torch.cuda.max_memory_allocated" if device.startswith("cuda") else "process RSS (polled)",
                               "process_max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
         "tokens_per_s": {"sample_ours": tokens / med(samp["ours"]),
@@ -459,6 +498,9 @@ def run(a, device):
                          "trl_step": tokens / med(trl_res["step"]) if trl_res else None},
         "teacher_evals": {**evals, "trl_teacher_evals_per_token": trl_res["teacher_evals_per_token"] if trl_res else None},
         "teacher_logits_one_collection_bytes": teacher_logits_bytes(),
+        "memory_plan_bytes": memory_table(),
+        "recompute": {"recompute_logp_old_vs_step": med(step["recompute_logp_old"]) / med(step["step"]),
+                      "step_recompute_vs_keep": med(step["step_recompute"]) / med(step["step"])},
         "notes": {
             "trl": trl_note,
             "step": "minillm.distill(--steps 1 --rollouts B --batch-size B --ppo-epochs 1): one collection of B rollouts, "
@@ -490,11 +532,13 @@ def print_table(r):
             ("HF generate, student alone", t["generate_student"], tok["generate_student"], m["generate_student"]),
             ("HF generate, teacher alone", t["generate_teacher"], tok["generate_teacher"], m["generate_teacher"]),
             ("distill step (collect + 1 pass + L_PT + opt)", t["step"], tok["train_step"], m["step"]),
-            ("  part: collect_rollouts", t["part_sampling"], None, None),
-            ("  part: minillm_loss + backward", t["part_loss_backward"], None, None),
-            ("  part: pt_loss + backward", t["part_pt"], None, None),
-            ("  part: clip + AdamW step", t["part_optimizer"], None, None),
+            ("  part: collect_rollouts", t["part_sampling"], None, m["part_sampling"]),
+            ("  part: minillm_loss + backward", t["part_loss_backward"], None, m["part_loss_backward"]),
+            ("  part: pt_loss + backward", t["part_pt"], None, m["part_pt"]),
+            ("  part: clip + AdamW step", t["part_optimizer"], None, m["part_optimizer"]),
             ("distill step without L_PT", t["step_no_pt"], tok["train_step_no_pt"], m["step_no_pt"]),
+            ("distill step, --teacher-logits recompute", t["step_recompute"], None, m["step_recompute"]),
+            ("bf16 only: recompute_logp_old", t["recompute_logp_old"], None, None),
             ("TRL GKDTrainer step (beta=1, lmbda=1)", t["trl_step"], tok["trl_step"], m["trl_step"])]
     for name, x, k, mem in rows:
         print(f"{name:<44}{ms(x):>10}{ts(k):>10}{gb(mem):>12}")
@@ -513,7 +557,16 @@ def print_table(r):
           + ("-" if trl_evals is None else f"{trl_evals:.3f}"))
     print(f"teacher logits of one paper collection (256 rollouts × 256 tokens × {V} × 2 B, bf16): "
           f"{r['teacher_logits_one_collection_bytes'] / 1e9:.2f} GB ({gb(r['teacher_logits_one_collection_bytes'])}) "
-          "— computed, not measured; --teacher-logits-offload keeps them in CPU memory")
+          "— computed, not measured; --teacher-logits offload keeps them in CPU memory, recompute keeps none")
+    rc = r["recompute"]
+    print(f"recompute_logp_old / step {rc['recompute_logp_old_vs_step']:.3f} (bf16 runs pay it once per collection); "
+          f"step with --teacher-logits recompute / keep {rc['step_recompute_vs_keep']:.3f}")
+    print("computed peak GPU memory of one rank, paper sizes (256 rollouts, prompt 256, 256 new tokens, gen batch 64, micro 16):")
+    print(f"{'pair':<32}{'weights':>11}{'buffer':>11}{'keep':>11}{'offload':>11}{'recompute':>11}")
+    for name, pl in r["memory_plan_bytes"].items():
+        md = pl["modes"]
+        print(f"{name:<32}{gb(pl['weights']):>11}{gb(pl['teacher_logprob_buffer']):>11}{gb(md['keep']['gpu']):>11}"
+              f"{gb(md['offload']['gpu']):>11}{gb(md['recompute']['gpu']):>11}")
     print(f"memory: {m['kind']}; process max RSS {gb(m['process_max_rss'])}")
     print(f"trl: {r['notes']['trl']}")
     print(f"wall time {r['wall_s']:.0f} s")
