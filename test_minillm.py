@@ -391,12 +391,46 @@ def test_sft_masks_the_prompt(tok):
     torch.testing.assert_close(loss_sum, manual, atol=1e-5, rtol=0)
 
 
+def test_alpaca_template():
+    assert M.build_prompt("say red") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nsay red\n\n### Response:\n")
+    assert M.build_prompt("say red", "the cat") == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
+        "response that appropriately completes the request.\n\n### Instruction:\nsay red\n\n### Input:\nthe cat"
+        "\n\n### Response:\n")
+
+
 def test_tokenization_matches_the_official_rule(tok):
     rec = {"instruction": "say red", "input": "", "output": "red blue"}
     p, r = M.tokenize_example(tok, rec, 256, 512)
-    assert tok.decode(p) == tok.decode(tok(M.build_prompt("say red"))["input_ids"])
-    assert r[-1] == tok.eos_token_id and tok.decode(r[:-1]) == "red blue"
+    assert tok.convert_ids_to_tokens(p) == ("Below is an instruction that describes a task . Write a response that "
+                                            "appropriately completes the request . ### Instruction : say red ### "
+                                            "Response :").split()  # the word-level tokenizer drops the newlines
+    assert tok.convert_ids_to_tokens(r) == ["red", "blue", "<eos>"]
     assert M.tokenize_example(tok, rec, max_prompt_len=5, max_len=512) is None  # long prompts are dropped
+    assert len(M.tokenize_example(tok, dict(rec, output="red blue red blue"), 256, len(p) + 3)[1]) == 3  # cut, EOS kept
+
+
+def merging_tokenizer():
+    """Characters, plus one merge: "\n" + "r" -> "\nr", so the prompt's last "\n" and a response starting with
+    "r" become one token, as BPE tokenizers do across the prompt/response boundary."""
+    from tokenizers import Tokenizer, models
+    chars = sorted(set(M.build_prompt("say red") + "blue "))
+    vocab = {c: i for i, c in enumerate(["<eos>", "<unk>"] + chars + ["\nr"])}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[("\n", "r")], unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
+
+
+def test_tokenization_across_a_merge_at_the_boundary():
+    """response = tokens(prompt + output) minus the first len(tokens(prompt)), then EOS (NOTES §5): when the last
+    prompt token merges with the first response token, the merged token stays in the prompt's count and the response
+    starts after it (tokenising the output alone would give "r e d ...")."""
+    tk = merging_tokenizer()
+    rec = {"instruction": "say red", "input": "", "output": "red blue"}
+    p, r = M.tokenize_example(tk, rec, 256, 512)
+    assert tk.convert_ids_to_tokens(p)[-2:] == [":", "\n"]
+    assert tk.convert_ids_to_tokens(r) == ["e", "d", " ", "b", "l", "u", "e", "<eos>"]
 
 
 @pytest.mark.parametrize("normalize", ["token", "sequence"])
@@ -499,26 +533,28 @@ def test_end_to_end_cli(tmp_path, saved_models):
     assert res2.returncode == 0 and res2.stdout.count("skipping") == 3
 
 
-def test_kd_loss_by_hand():
-    """KD: (1-λ)·Σ CE(gold) + λ·Σ KL(p||q_θ) over response tokens; λ = 0 is SFT."""
-    examples = [([5, 6], [8, 1]), ([7], [9, 10, 1])]
+@pytest.mark.parametrize("lam", [0.0, 0.3, 1.0])
+def test_kd_loss_by_hand(lam):
+    """KD: (1-λ)·Σ CE(gold) + λ·Σ KL(p||q_θ) over response tokens (λ = 0: SFT's cross-entropy, λ = 1: the KL
+    alone), on two sequences of different lengths, so the shorter one is right-padded."""
+    examples = [([5, 6], [8, 1]), ([7], [9, 10, 11, 1])]
     ids, attn, labels = M.collate_sft(examples, pad_id=0)
+    assert attn.tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
     student, teacher = tiny_gpt2(20, 20, scale=3.0), tiny_gpt2(20, 21, scale=3.0)
-    lam = 0.3
     kd_sum, n = M.sft_loss(student, ids, attn, labels, torch.float32, teacher, lam)
     with torch.no_grad():
-        lq = torch.log_softmax(student(input_ids=ids, attention_mask=attn).logits, -1)
-        lp = torch.log_softmax(teacher(input_ids=ids, attention_mask=attn).logits, -1)
+        lq = torch.log_softmax(student(input_ids=torch.tensor([[5, 6, 8, 1]])).logits[0], -1)  # each row alone
+        lp = torch.log_softmax(teacher(input_ids=torch.tensor([[5, 6, 8, 1]])).logits[0], -1)
+        lq2 = torch.log_softmax(student(input_ids=torch.tensor([[7, 9, 10, 11, 1]])).logits[0], -1)
+        lp2 = torch.log_softmax(teacher(input_ids=torch.tensor([[7, 9, 10, 11, 1]])).logits[0], -1)
     manual = 0.0
-    for b, pos, target in [(0, 1, 8), (0, 2, 1), (1, 0, 9), (1, 1, 10), (1, 2, 1)]:  # position predicting target
-        ce = -lq[b, pos, target]
-        kl = (lp[b, pos].exp() * (lp[b, pos] - lq[b, pos])).sum()
+    for q_, p_, pos, target in [(lq, lp, 1, 8), (lq, lp, 2, 1), (lq2, lp2, 0, 9), (lq2, lp2, 1, 10), (lq2, lp2, 2, 11),
+                                (lq2, lp2, 3, 1)]:  # the position that predicts each target
+        ce = -q_[pos, target]
+        kl = (p_[pos].exp() * (p_[pos] - q_[pos])).sum()
         manual = manual + (1 - lam) * ce + lam * kl
-    assert n.item() == 5
+    assert n.item() == 6
     torch.testing.assert_close(kd_sum, manual, atol=1e-5, rtol=0)
-    sft_sum, _ = M.sft_loss(student, ids, attn, labels, torch.float32)
-    kd0_sum, _ = M.sft_loss(student, ids, attn, labels, torch.float32, teacher, 0.0)
-    assert torch.equal(kd0_sum, sft_sum)
 
 
 def test_baselines_end_to_end(tmp_path, saved_models):
@@ -546,10 +582,19 @@ def test_baselines_end_to_end(tmp_path, saved_models):
 
 
 def test_recipe_defaults_and_overrides():
-    """Defaults are the paper's; --recipe lmops switches them all; an explicit flag wins over either."""
-    paper, lmops = M.parse_args([]), M.parse_args(["--recipe", "lmops"])
-    for name, (p, o) in M.RECIPES.items():
-        assert getattr(paper, name) == p and getattr(lmops, name) == o, name
+    """Defaults are the paper's (NOTES §1, §3); --recipe lmops switches the six settings the official code computes
+    differently, and nothing else; an explicit flag wins over either."""
+    paper, lmops = vars(M.parse_args([])), vars(M.parse_args(["--recipe", "lmops"]))
+    expected_paper = dict(gamma=1.0, include_current=False, whiten=False, reward_scale=1.0, reward_clip=0.0, pt_kd_ratio=0.0)
+    expected_lmops = dict(gamma=0.95, include_current=True, whiten=True, reward_scale=0.5, reward_clip=100.0, pt_kd_ratio=0.5)
+    assert {k: paper[k] for k in expected_paper} == expected_paper
+    assert {k: lmops[k] for k in expected_lmops} == expected_lmops
+    assert {k for k in paper if paper[k] != lmops[k]} == set(expected_lmops) | {"recipe"}
+    shared = dict(alpha=0.2, clip_eps=0.2, length_norm=True, single_step=True, normalize="token", pt_coef=1.0, lr=5e-6,
+                  warmup_steps=100, weight_decay=1e-6, batch_size=64, rollouts=256, ppo_epochs=4, steps=5000,
+                  temperature=1.0, top_p=1.0, top_k=0, max_prompt_len=256, max_len=512, max_new_tokens=256,
+                  teacher_lr=5e-5, student_lr=5e-4, sft_batch_size=32, teacher_epochs=10, val_size=1000, grad_clip=1.0)
+    assert {k: paper[k] for k in shared} == shared
     mixed = M.parse_args(["--recipe", "lmops", "--no-whiten", "--gamma", "1.0"])
     assert mixed.whiten is False and mixed.gamma == 1.0 and mixed.include_current is True
     assert M.parse_args(["--include-current"]).include_current is True

@@ -276,10 +276,10 @@ def test_torchrun_two_ranks_train_as_one_process_with_the_global_batch(tmp_path,
 
 
 def shared_minibatch():
-    """The same student and the same minibatch of 4 rollouts on every rank (seeded), lmops-style advantages."""
-    from test_minillm import loss_args, make_batch
-    student, teacher = tiny_gpt2(30, 12, scale=5.0), tiny_gpt2(30, 13, scale=5.0)
-    mb = make_batch(student, teacher, [[3, 4], [5, 6, 7], [8], [9, 10, 11, 12]], n_new=6)
+    """The same student and the same minibatch of 4 rollouts on every rank (seeded); the responses end at EOS after
+    6, 1, 2 and 5 tokens."""
+    from test_minillm import eos_batch, loss_args
+    student, _, mb = eos_batch()
     return student, mb, loss_args(clip_eps=0.2, micro_batch_size=1)
 
 
@@ -287,7 +287,9 @@ def share_gradients(normalize):
     """This rank's rows of the minibatch, advantages whitened over all ranks, the gradient through DDP."""
     student, mb, args = shared_minibatch()
     args.normalize = normalize
-    mine = {k: v[M.rank()::M.world()] for k, v in mb.items()}  # rows 0, 2 | rows 1, 3: unequal token counts
+    mine = {k: v[M.rank()::M.world()] for k, v in mb.items()}  # rows 0, 2 | rows 1, 3
+    if M.world() > 1:
+        assert mine["mask"].sum().item() == [8, 6][M.rank()]  # unequal token counts: the count must be global
     mine["adv"] = M.whiten_global(mine["adv"], mine["mask"])
     stats = M.minillm_backward(M.wrap_ddp(student, "cpu"), mine, args, torch.float32)
     return torch.cat([p.grad.flatten() for p in student.parameters()]), stats
