@@ -481,7 +481,7 @@ def test_teacher_runs_once_per_rollout_token(tmp_path, tok, monkeypatch):
 
 
 def test_every_stabiliser_switch_changes_training(tmp_path, tok):
-    """α = 0, no length norm, no single-step term, no L_PT: each really changes the update."""
+    """α = 0, no length norm, no single-step term, no clipping, no L_PT: each really changes the update."""
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
     pt = iter(lambda: torch.arange(3, 19), None)
 
@@ -495,8 +495,35 @@ def test_every_stabiliser_switch_changes_training(tmp_path, tok):
 
     base = run()
     assert torch.equal(base, run())  # seeded: the same run twice is identical
-    for change in [dict(alpha=0.0), dict(length_norm=False), dict(single_step=False), dict(no_pt=True)]:
+    for change in [dict(alpha=0.0), dict(length_norm=False), dict(single_step=False), dict(clip_eps=0.0), dict(no_pt=True)]:
         assert not torch.allclose(base, run(**change), atol=1e-7, rtol=0), change
+
+
+def test_pt_switches_change_training_through_the_cli(tmp_path, saved_models, capsys):
+    """--pt-data none and --pt-coef 0 each remove L_PT from the command line: the same weights as each other,
+    other weights than with L_PT; and the logged loss_pt is there only with L_PT."""
+    write_jsonl(tmp_path / "data.jsonl")
+    (tmp_path / "pt.txt").write_text("the cat sat on the mat\n\nthe dog ran to the park\n\na big red dog\n")
+    base = ["--teacher", saved_models["teacher"], "--student", saved_models["student"], "--data", str(tmp_path / "data.jsonl"),
+            "--val-size", "3", "--device", "cpu", "--skip-teacher-sft", "--skip-student-sft", "--steps", "2", "--rollouts", "4",
+            "--batch-size", "2", "--micro-batch-size", "2", "--gen-batch-size", "4", "--ppo-epochs", "1",
+            "--max-new-tokens", "6", "--pt-batch-size", "2", "--pt-seq-len", "8", "--log-interval", "100"]
+
+    def run(name, *flags):
+        M.main(base + ["--out", str(tmp_path / name), "--pt-data", str(tmp_path / "pt.txt"), *flags])
+        rows = [json.loads(line) for line in open(tmp_path / name / "minillm" / "log.jsonl")]
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / name / "minillm")
+        return torch.cat([p.detach().flatten() for p in model.parameters()]), rows
+
+    with_pt, rows = run("pt")
+    assert all(r["loss_pt"] > 0 for r in rows)
+    for flags in (["--pt-data", "none"], ["--pt-coef", "0"]):
+        without, rows = run(flags[0].strip("-"), *flags)
+        assert not any("loss_pt" in r for r in rows)
+        assert not torch.allclose(without, with_pt, atol=1e-7, rtol=0), flags
+        if flags[1] == "0":
+            assert torch.equal(without, no_pt_data)
+        no_pt_data = without
 
 
 # ---------------------------------------------------------------------------------------------------

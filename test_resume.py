@@ -214,23 +214,34 @@ def test_bad_input_exits_2_with_one_line(case, tmp_path, files, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]  # nothing written, nothing damaged
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, files, monkeypatch, capsys):
-    real, calls = M.sft_backward, []
+@pytest.mark.parametrize("stage", ["student-sft", "minillm"])
+def test_non_finite_loss_stops_before_the_update(stage, tmp_path, files, monkeypatch, capsys):
+    """A NaN loss at step 3 stops the run with exit status 2 before the optimizer step: the weights are those
+    the NaN step started from, and the message names the last good checkpoint (step 2)."""
+    name, key = ("sft_backward", "loss") if stage == "student-sft" else ("minillm_backward", "loss_long")
+    real, seen = getattr(M, name), []
 
-    def nan_at_step_3(*a, **k):
-        calls.append(1)
-        loss = real(*a, **k)
-        return float("nan") if len(calls) == 3 else loss
+    def nan_at_step_3(model, *a, **k):
+        out = real(model, *a, **k)
+        seen.append(model)
+        if len(seen) < 3:
+            return out
+        seen.append({n: t.detach().clone() for n, t in model.state_dict().items()})  # before the update
+        return float("nan") if stage == "student-sft" else dict(out, loss_long=float("nan"))
 
-    monkeypatch.setattr(M, "sft_backward", nan_at_step_3)
+    monkeypatch.setattr(M, name, nan_at_step_3)
+    extra = ["--method", "sft"] if stage == "student-sft" else ["--skip-teacher-sft", "--skip-student-sft"]
     with pytest.raises(SystemExit) as e:
-        M.main(cli(files, method="sft") + ["--out", str(tmp_path)])
-    assert e.value.code == 2
+        M.main(cli(files) + extra + ["--out", str(tmp_path)])
+    assert e.value.code == 2 and len(seen) == 4
     err = capsys.readouterr().err
-    assert "error: student-sft: non-finite loss at step 3, stopped before the update; the last good checkpoint is" in err
+    assert f"error: {stage}: non-finite {key} at step 3, stopped before the update; the last good checkpoint is" in err
     assert "(step 2)" in err
-    assert M.checkpoint_step(M.find_checkpoint(tmp_path / "student-sft" / "ckpt")) == 2
-    assert not (tmp_path / "student-sft" / "done.json").exists()
+    model, before = seen[2], seen[3]
+    after = model.state_dict()
+    assert all(torch.equal(after[n], before[n]) for n in before)  # no optimizer step with the NaN
+    assert M.checkpoint_step(M.find_checkpoint(tmp_path / stage / "ckpt")) == 2
+    assert not (tmp_path / stage / "done.json").exists()
 
 
 def test_cli_error_has_no_traceback(tmp_path, files):
