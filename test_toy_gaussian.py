@@ -140,9 +140,17 @@ def test_main_json_writes_png_when_asked(tmp_path, capsys):
 def test_main_table(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     tg.main(["--no-plot", "--means", "-2", "2", "--stds", "1", "1", "--weights", "1", "1"])
-    out = capsys.readouterr().out
-    assert "forward KL fit" in out and "reverse KL fit" in out
-    assert "KL(p||q)" in out and "KL(q||p)" in out
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "teacher mixture: mean = 0.0000, std = 2.2361"  # sqrt(1 + 2²)
+    assert out[1].split() == ["fit", "mu", "sigma", "KL(p||q)", "KL(q||p)"]
+    fits = {line.split(" KL fit")[0]: [float(x) for x in line.split(" KL fit")[1].split()] for line in out[2:4]}
+    assert set(fits) == {"forward", "reverse"}
+    assert fits["forward"][:2] == [0.0, 2.2361]  # moment matching
+    means, stds, weights = (-2.0, 2.0), (1.0, 1.0), (0.5, 0.5)
+    for mu, sigma, fwd, rev in fits.values():  # each column is the KL it names, at the printed fit
+        assert fwd == pytest.approx(tg.forward_kl(mu, sigma, means, stds, weights).item(), abs=2e-4)
+        assert rev == pytest.approx(tg.reverse_kl(mu, sigma, means, stds, weights).item(), abs=2e-4)
+    assert fits["forward"][2] < fits["reverse"][2] and fits["reverse"][3] < fits["forward"][3]  # each fit wins its own KL
     assert list(tmp_path.iterdir()) == []
 
 
