@@ -13,7 +13,14 @@ def test_bench_smoke(capsys):
         assert key in out
     assert out["teacher_evals_per_token"] == 1.0  # the teacher runs once per rollout token, never again
     assert out["teacher_evals"]["teacher_prompt_positions_per_prompt_token"] == 1.0  # and the prompt once
-    assert out["mixed_vs_generate"] > 0 and out["step_vs_parts"] > 0
+    t, cfg = out["timings_s"], out["config"]
+    assert set(out["timings_all_s"]) == {k for k, v in t.items() if v is not None}
+    for name, times in out["timings_all_s"].items():  # --repeats 1: one timed round after the warm-up
+        assert len(times) == 1 and t[name] == times[0], name
+    assert out["mixed_vs_generate"] == t["sample_ours"] / (t["generate_student"] + t["generate_teacher"])
+    parts = t["part_sampling"] + t["part_loss_backward"] + t["part_pt"] + t["part_optimizer"]
+    assert out["step_vs_parts"] == t["step"] / parts
+    assert out["tokens_per_s"]["train_step"] == cfg["B"] * cfg["N"] / t["step"]
     assert out["step_vs_trl"] is None and "skipped" in out["notes"]["trl"]  # trl is optional
     assert out["teacher_logits_one_collection_bytes"] == 256 * 256 * 50257 * 2
     assert res["config"]["B"] == 2 and all(v > 0 for k, v in res["timings_s"].items() if v is not None)

@@ -19,7 +19,6 @@ def test_quick_demo_lowers_the_held_out_reverse_kl(tmp_path):
     rows = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
     assert set(rows) == {"teacher", "SFT", "KD", "SeqKD", "MiniLLM"}
     assert all(0 <= r["rouge_l"] <= 100 for r in rows.values())
-    assert rows["teacher"]["reverse_kl"] < 1e-5  # the teacher measured against itself
     assert rows["MiniLLM"]["reverse_kl"] < rows["SFT"]["reverse_kl"]
     assert (tmp_path / "demo" / "minillm" / "reverse_kl.png").exists()
     assert "| MiniLLM |" in res.stdout

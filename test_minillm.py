@@ -87,6 +87,15 @@ def loss_args(**kw):
     return Namespace(**base)
 
 
+def boost_eos(model, eos_id, by):
+    """Raise the EOS logit by `by` (a hook on the LM head, so sampling and every later forward see it): sampled
+    responses then end at EOS at different steps, and a batch holds right-padded responses."""
+    bias = torch.zeros(model.get_output_embeddings().weight.shape[0])
+    bias[eos_id] = by
+    model.get_output_embeddings().register_forward_hook(lambda mod, inp, out: out + bias.to(out.dtype))
+    return model
+
+
 # ---------------------------------------------------------------------------------------------------
 # 1. The gradient is the exact gradient of the sequence-level reverse KL.
 
@@ -109,20 +118,26 @@ def response_logits(model, y):
 
 
 def surrogate_gradient(student, teacher, include_current=False, single_step=True, length_norm=False):
-    """Σ_y q_θ(y) ∇ loss(y): the expectation over every response of the per-sequence surrogate."""
+    """Σ_y q_θ(y) ∇ loss(y): the expectation over every response of the per-sequence surrogate. The rewards and
+    advantages of each response come from the production code (`collect_rollouts`, flags parsed by `parse_args`),
+    with the sampler replaced by one that returns that response."""
+    flags = ["--device", "cpu", "--alpha", "0", "--clip-eps", "0", "--normalize", "sequence", "--gen-batch-size", "1",
+             "--max-new-tokens", str(N_MAX)]
+    flags += ([] if length_norm else ["--no-length-norm"]) + (["--include-current"] if include_current else []) + ([] if single_step else ["--no-single-step"])
+    args = M.parse_args(flags)
     student.zero_grad()
     for y in all_responses():
         tokens = torch.tensor([y])
         with torch.no_grad():
             zs, zt = response_logits(student, y), response_logits(teacher, y)
             logq, logp = M.token_logprobs(zs, tokens), M.token_logprobs(zt, tokens)
-        mask = torch.ones_like(logq)
-        r = M.rewards(logp, logq, mask)
-        adv = M.long_term_returns(r, mask, 1.0, include_current or not single_step, length_norm)
-        mb = {"prompt_ids": torch.tensor([PROMPT]), "prompt_mask": torch.ones(1, len(PROMPT), dtype=torch.long),
-              "tokens": tokens, "mask": mask, "logp_student": logq, "w": torch.ones_like(logq), "adv": adv,
-              "teacher_logits": zt}
-        loss, _ = M.minillm_loss(student, mb, loss_args(single_step=single_step), n_norm=1, dtype=torch.float64)
+        ones = torch.ones_like(logq)
+        rollout = {"tokens": tokens, "mask": ones, "logp_student": logq, "logp_teacher": logp, "logp_mix": logq,
+                   "w": ones, "kl": M.single_step_kl(zs, zt), "teacher_logits": zt}
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(M, "sample_rollouts", lambda *a, **k: {k_: v.clone() for k_, v in rollout.items()})
+            mb = M.collect_rollouts(student, teacher, [PROMPT], args, EOS, 0, torch.float64)
+        loss, _ = M.minillm_loss(student, mb, args, n_norm=1, dtype=torch.float64)
         (logq.sum().exp() * loss).backward()  # weight by q_θ(y): an exact expectation, no sampling
     return torch.cat([p.grad.flatten() for p in student.parameters()])
 
@@ -248,22 +263,33 @@ def test_whiten():
 # 3. Teacher-mixed sampling.
 
 def test_recorded_logprobs_equal_a_fresh_forward():
-    """KV-cached, left-padded sampling records the log-probs and teacher logits of a full forward."""
-    student, teacher = tiny_gpt2(40, 3, scale=5.0), tiny_gpt2(40, 4, n_layer=3, scale=5.0)
+    """KV-cached, left-padded sampling records the log-probs and teacher logits of a plain forward of each row
+    alone: model(input_ids=prompt + response), no padding, default positions. Rows end at EOS at different steps."""
+    student = boost_eos(tiny_gpt2(40, 3, scale=5.0), 1, 2.0)
+    teacher = boost_eos(tiny_gpt2(40, 4, n_layer=3, scale=5.0), 1, 2.0)
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
     ids, attn = M.collate_prompts(prompts, pad_id=0)
-    torch.manual_seed(0)
-    roll = M.sample_rollouts(student, teacher, ids, attn, eos_id=1, pad_id=0, max_new_tokens=10, alpha=0.5)
-    mb = dict(roll, prompt_ids=ids, prompt_mask=attn)
-    assert roll["mask"].sum() > 12 and (roll["mask"].sum(1) > 1).all()
-    with torch.no_grad():
-        zs = M.student_response_logits(student, mb, torch.float32)
-        zt = M.student_response_logits(teacher, mb, torch.float32)
-    m = roll["mask"]
-    torch.testing.assert_close(M.token_logprobs(zs, roll["tokens"]) * m, roll["logp_student"], atol=1e-4, rtol=0)
-    torch.testing.assert_close(M.token_logprobs(zt, roll["tokens"]) * m, roll["logp_teacher"], atol=1e-4, rtol=0)
-    torch.testing.assert_close(torch.log_softmax(zt, -1) * m[..., None], roll["teacher_logits"] * m[..., None], atol=1e-4, rtol=0)
-    torch.testing.assert_close(M.single_step_kl(zs, zt) * m, roll["kl"], atol=1e-4, rtol=0)
+    alpha = 0.5
+    roll = M.sample_rollouts(student, teacher, ids, attn, eos_id=1, pad_id=0, max_new_tokens=8, alpha=alpha,
+                             generator=torch.Generator().manual_seed(4))
+    lengths = roll["mask"].sum(1).long().tolist()
+    assert lengths == [8, 6, 1]  # the left-padded row 1 ends at EOS after 6 tokens, row 2 at once
+    for i, (p, n) in enumerate(zip(prompts, lengths)):
+        y = roll["tokens"][i, :n]
+        assert (y[-1] == 1) == (n < 8) and 1 not in y[:-1].tolist()
+        with torch.no_grad():
+            zs = student(input_ids=torch.tensor([p + y.tolist()])).logits[0, len(p) - 1:-1]  # (n, V)
+            zt = teacher(input_ids=torch.tensor([p + y.tolist()])).logits[0, len(p) - 1:-1]
+        lq, lp = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
+        idx = torch.arange(n)
+        mix = ((1 - alpha) * lq.exp() + alpha * lp.exp())[idx, y]
+        expected = {"logp_student": lq[idx, y], "logp_teacher": lp[idx, y], "logp_mix": mix.log(),
+                    "w": lq[idx, y].exp() / mix, "kl": (lq.exp() * (lq - lp)).sum(-1)}
+        for k, v in expected.items():
+            torch.testing.assert_close(roll[k][i, :n], v, atol=1e-4, rtol=0, msg=k)
+            assert (roll[k][i, n:] == 0).all(), k  # masked after the EOS
+        torch.testing.assert_close(roll["teacher_logits"][i, :n], lp, atol=1e-4, rtol=0)  # kept as log-probs
+        assert (roll["tokens"][i, n:] == 0).all()  # pad after the EOS
 
 
 def test_response_mask_first_eos_is_a_target():
@@ -278,8 +304,10 @@ def test_response_mask_first_eos_is_a_target():
     assert (roll["mask"][:, -1] == 0).any()  # some responses did stop early
 
 
-@pytest.mark.parametrize("alpha", [0.0, 1.0])
-def test_alpha_extremes_sample_the_student_or_the_teacher(alpha):
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_samples_follow_the_mixture(alpha):
+    """Tokens are drawn from p~ = α·p + (1-α)·q_θ (α = 0: the student, α = 1: the teacher); in between, sampling
+    and the recorded log p~ and w = q_θ/p~ take different code paths, and both must be the exact mixture."""
     student, teacher = tiny_gpt2(5, 7, scale=2.0, tied=False), tiny_gpt2(5, 8, scale=2.0, tied=False)
     prompt = torch.tensor([[2, 3, 4]])
     with torch.no_grad():
@@ -291,8 +319,11 @@ def test_alpha_extremes_sample_the_student_or_the_teacher(alpha):
     roll = M.sample_rollouts(student, teacher, ids, attn, eos_id=99, pad_id=0, max_new_tokens=1, alpha=alpha,
                              generator=torch.Generator().manual_seed(0))
     freq = torch.bincount(roll["tokens"][:, 0], minlength=5).float() / n
-    target = q if alpha == 0 else p
+    target = alpha * p + (1 - alpha) * q
     assert (freq - target).abs().max() < 4 * (0.25 / n) ** 0.5  # 4 standard errors
+    y = roll["tokens"][:, 0]
+    torch.testing.assert_close(roll["logp_mix"][:, 0], target[y].log(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(roll["w"][:, 0], q[y] / target[y], atol=1e-5, rtol=0)
     if alpha == 0:
         assert torch.equal(roll["w"], torch.ones_like(roll["w"]))
 
@@ -309,31 +340,40 @@ def make_batch(student, teacher, prompts, n_new=5, seed=0):
     return roll
 
 
+EOS_PROMPTS = [[3, 4], [5, 6, 7], [8], [9, 10, 11, 12]]
+
+
+def eos_batch():
+    """4 rollouts whose prompts differ in length (left padding) and whose responses end at EOS after 6, 1, 2 and 5
+    tokens (right padding), with paper-style advantages."""
+    student, teacher = boost_eos(tiny_gpt2(30, 12, scale=5.0), 1, 2.0), boost_eos(tiny_gpt2(30, 13, scale=5.0), 1, 2.0)
+    mb = make_batch(student, teacher, EOS_PROMPTS, n_new=6, seed=2)
+    assert mb["mask"].sum(1).tolist() == [6, 1, 2, 5]
+    return student, teacher, mb
+
+
+def row(mb, i):
+    return {k: v[i:i + 1] for k, v in mb.items()}
+
+
 def test_padding_invariance():
-    """More padding (left on the prompt, right on the response) changes neither logits nor loss."""
-    student, teacher = tiny_gpt2(30, 9, scale=5.0), tiny_gpt2(30, 10, scale=5.0)
-    mb = make_batch(student, teacher, [[3, 4, 5], [6, 7, 8, 9, 10, 11, 12]])
-    padded = {}
-    for k, v in mb.items():
-        if k.startswith("prompt"):
-            padded[k] = M.pad_to(v, v.shape[1] + 4, 1, 0, left=True)
-        else:
-            padded[k] = M.pad_to(v, v.shape[1] + 3, 1, 0)
+    """Padding (left on prompts, right on responses that ended at EOS) changes neither logits nor loss: each row
+    alone, with no padding at all, gives the same logits as a plain forward and the same loss as inside the batch."""
+    student, _, mb = eos_batch()
+    padded = {k: M.pad_to(v, v.shape[1] + 4, 1, 0, left=True) if k.startswith("prompt") else M.pad_to(v, v.shape[1] + 3, 1, 0)
+              for k, v in mb.items()}
     with torch.no_grad():
-        a = M.student_response_logits(student, mb, torch.float32)
-        b = M.student_response_logits(student, padded, torch.float32)[:, :a.shape[1]]
-    m = mb["mask"][..., None]
-    torch.testing.assert_close(a * m, b * m, atol=1e-5, rtol=0)
-    args = loss_args(clip_eps=0.2, normalize="token")
-    la, _ = M.minillm_loss(student, mb, args, n_norm=mb["mask"].sum().item())
-    lb, _ = M.minillm_loss(student, padded, args, n_norm=padded["mask"].sum().item())
-    torch.testing.assert_close(la, lb, atol=1e-6, rtol=0)
-    # one row alone vs the same row padded inside a batch: the same per-sequence loss
-    row = {k: v[:1] for k, v in mb.items()}
-    l_row, _ = M.minillm_loss(student, row, loss_args(), n_norm=1)
-    l_row2, _ = M.minillm_loss(student, {k: v[1:] for k, v in mb.items()}, loss_args(), n_norm=1)
-    l_both, _ = M.minillm_loss(student, mb, loss_args(), n_norm=2)
-    torch.testing.assert_close(l_both, (l_row + l_row2) / 2, atol=1e-6, rtol=0)
+        batch_logits = M.student_response_logits(student, padded, torch.float32)  # (4, 9, V)
+    for i, n in enumerate(mb["mask"].sum(1).long().tolist()):
+        ids = EOS_PROMPTS[i] + mb["tokens"][i, :n].tolist()
+        with torch.no_grad():
+            plain = student(input_ids=torch.tensor([ids])).logits[0, len(EOS_PROMPTS[i]) - 1:-1]  # (n, V)
+        torch.testing.assert_close(batch_logits[i, :n], plain, atol=1e-5, rtol=0)
+    args = loss_args(clip_eps=0.2)
+    rows = sum(M.minillm_loss(student, row(mb, i), args, n_norm=1)[0] for i in range(4))  # no padding anywhere
+    for batch in (mb, padded):
+        loss, _ = M.minillm_loss(student, batch, args, n_norm=1)  # a sum over the batch's response tokens
+        torch.testing.assert_close(loss, rows, atol=1e-5, rtol=0)
 
 
 def test_sft_masks_the_prompt(tok):
@@ -351,28 +391,68 @@ def test_sft_masks_the_prompt(tok):
     torch.testing.assert_close(loss_sum, manual, atol=1e-5, rtol=0)
 
 
+def test_alpaca_template():
+    assert M.build_prompt("say red") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nsay red\n\n### Response:\n")
+    assert M.build_prompt("say red", "the cat") == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
+        "response that appropriately completes the request.\n\n### Instruction:\nsay red\n\n### Input:\nthe cat"
+        "\n\n### Response:\n")
+
+
 def test_tokenization_matches_the_official_rule(tok):
     rec = {"instruction": "say red", "input": "", "output": "red blue"}
     p, r = M.tokenize_example(tok, rec, 256, 512)
-    assert tok.decode(p) == tok.decode(tok(M.build_prompt("say red"))["input_ids"])
-    assert r[-1] == tok.eos_token_id and tok.decode(r[:-1]) == "red blue"
+    assert tok.convert_ids_to_tokens(p) == ("Below is an instruction that describes a task . Write a response that "
+                                            "appropriately completes the request . ### Instruction : say red ### "
+                                            "Response :").split()  # the word-level tokenizer drops the newlines
+    assert tok.convert_ids_to_tokens(r) == ["red", "blue", "<eos>"]
     assert M.tokenize_example(tok, rec, max_prompt_len=5, max_len=512) is None  # long prompts are dropped
+    assert len(M.tokenize_example(tok, dict(rec, output="red blue red blue"), 256, len(p) + 3)[1]) == 3  # cut, EOS kept
 
 
-def test_gradient_accumulation_does_not_change_the_update():
-    student, teacher = tiny_gpt2(30, 12, scale=5.0), tiny_gpt2(30, 13, scale=5.0)
-    mb = make_batch(student, teacher, [[3, 4], [5, 6, 7], [8], [9, 10, 11, 12]], n_new=6)
-    args = loss_args(clip_eps=0.2, normalize="token")
-    n = mb["mask"].sum().item()
+def merging_tokenizer():
+    """Characters, plus one merge: "\n" + "r" -> "\nr", so the prompt's last "\n" and a response starting with
+    "r" become one token, as BPE tokenizers do across the prompt/response boundary."""
+    from tokenizers import Tokenizer, models
+    chars = sorted(set(M.build_prompt("say red") + "blue "))
+    vocab = {c: i for i, c in enumerate(["<eos>", "<unk>"] + chars + ["\nr"])}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[("\n", "r")], unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
+
+
+def test_tokenization_across_a_merge_at_the_boundary():
+    """response = tokens(prompt + output) minus the first len(tokens(prompt)), then EOS (NOTES §5): when the last
+    prompt token merges with the first response token, the merged token stays in the prompt's count and the response
+    starts after it (tokenising the output alone would give "r e d ...")."""
+    tk = merging_tokenizer()
+    rec = {"instruction": "say red", "input": "", "output": "red blue"}
+    p, r = M.tokenize_example(tk, rec, 256, 512)
+    assert tk.convert_ids_to_tokens(p)[-2:] == [":", "\n"]
+    assert tk.convert_ids_to_tokens(r) == ["e", "d", " ", "b", "l", "u", "e", "<eos>"]
+
+
+@pytest.mark.parametrize("normalize", ["token", "sequence"])
+def test_gradient_accumulation_does_not_change_the_update(normalize):
+    """minillm_backward with micro-batches of 1 and of the whole batch (rows of 6, 1, 2, 5 tokens) gives the
+    gradient of Σ loss / (the batch's 14 tokens, or its 4 sequences)."""
+    student, _, mb = eos_batch()
+    args = loss_args(clip_eps=0.2, normalize=normalize)
 
     def grad(micro):
+        args.micro_batch_size = micro
         student.zero_grad()
-        for i in range(0, 4, micro):
-            loss, _ = M.minillm_loss(student, {k: v[i:i + micro] for k, v in mb.items()}, args, n)
-            loss.backward()
-        return torch.cat([p.grad.flatten() for p in student.parameters()])
+        stats = M.minillm_backward(student, mb, args, torch.float32)
+        return torch.cat([p.grad.flatten() for p in student.parameters()]), stats
 
-    torch.testing.assert_close(grad(1), grad(4), atol=1e-6, rtol=1e-5)
+    (g1, s1), (g4, s4) = grad(1), grad(4)
+    torch.testing.assert_close(g1, g4, atol=1e-6, rtol=1e-5)
+    assert s1.keys() == s4.keys() and all(abs(s1[k] - s4[k]) < 1e-6 for k in s1), (s1, s4)
+    student.zero_grad()
+    count = {"token": 14, "sequence": 4}[normalize]
+    (sum(M.minillm_loss(student, row(mb, i), args, n_norm=1)[0] for i in range(4)) / count).backward()
+    torch.testing.assert_close(torch.cat([p.grad.flatten() for p in student.parameters()]), g4, atol=1e-6, rtol=1e-5)
 
 
 def distill_args(tmp_path, **kw):
@@ -401,7 +481,7 @@ def test_teacher_runs_once_per_rollout_token(tmp_path, tok, monkeypatch):
 
 
 def test_every_stabiliser_switch_changes_training(tmp_path, tok):
-    """α = 0, no length norm, no single-step term, no L_PT: each really changes the update."""
+    """α = 0, no length norm, no single-step term, no clipping, no L_PT: each really changes the update."""
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
     pt = iter(lambda: torch.arange(3, 19), None)
 
@@ -415,8 +495,35 @@ def test_every_stabiliser_switch_changes_training(tmp_path, tok):
 
     base = run()
     assert torch.equal(base, run())  # seeded: the same run twice is identical
-    for change in [dict(alpha=0.0), dict(length_norm=False), dict(single_step=False), dict(no_pt=True)]:
+    for change in [dict(alpha=0.0), dict(length_norm=False), dict(single_step=False), dict(clip_eps=0.0), dict(no_pt=True)]:
         assert not torch.allclose(base, run(**change), atol=1e-7, rtol=0), change
+
+
+def test_pt_switches_change_training_through_the_cli(tmp_path, saved_models, capsys):
+    """--pt-data none and --pt-coef 0 each remove L_PT from the command line: the same weights as each other,
+    other weights than with L_PT; and the logged loss_pt is there only with L_PT."""
+    write_jsonl(tmp_path / "data.jsonl")
+    (tmp_path / "pt.txt").write_text("the cat sat on the mat\n\nthe dog ran to the park\n\na big red dog\n")
+    base = ["--teacher", saved_models["teacher"], "--student", saved_models["student"], "--data", str(tmp_path / "data.jsonl"),
+            "--val-size", "3", "--device", "cpu", "--skip-teacher-sft", "--skip-student-sft", "--steps", "2", "--rollouts", "4",
+            "--batch-size", "2", "--micro-batch-size", "2", "--gen-batch-size", "4", "--ppo-epochs", "1",
+            "--max-new-tokens", "6", "--pt-batch-size", "2", "--pt-seq-len", "8", "--log-interval", "100"]
+
+    def run(name, *flags):
+        M.main(base + ["--out", str(tmp_path / name), "--pt-data", str(tmp_path / "pt.txt"), *flags])
+        rows = [json.loads(line) for line in open(tmp_path / name / "minillm" / "log.jsonl")]
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / name / "minillm")
+        return torch.cat([p.detach().flatten() for p in model.parameters()]), rows
+
+    with_pt, rows = run("pt")
+    assert all(r["loss_pt"] > 0 for r in rows)
+    for flags in (["--pt-data", "none"], ["--pt-coef", "0"]):
+        without, rows = run(flags[0].strip("-"), *flags)
+        assert not any("loss_pt" in r for r in rows)
+        assert not torch.allclose(without, with_pt, atol=1e-7, rtol=0), flags
+        if flags[1] == "0":
+            assert torch.equal(without, no_pt_data)
+        no_pt_data = without
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -453,26 +560,28 @@ def test_end_to_end_cli(tmp_path, saved_models):
     assert res2.returncode == 0 and res2.stdout.count("skipping") == 3
 
 
-def test_kd_loss_by_hand():
-    """KD: (1-λ)·Σ CE(gold) + λ·Σ KL(p||q_θ) over response tokens; λ = 0 is SFT."""
-    examples = [([5, 6], [8, 1]), ([7], [9, 10, 1])]
+@pytest.mark.parametrize("lam", [0.0, 0.3, 1.0])
+def test_kd_loss_by_hand(lam):
+    """KD: (1-λ)·Σ CE(gold) + λ·Σ KL(p||q_θ) over response tokens (λ = 0: SFT's cross-entropy, λ = 1: the KL
+    alone), on two sequences of different lengths, so the shorter one is right-padded."""
+    examples = [([5, 6], [8, 1]), ([7], [9, 10, 11, 1])]
     ids, attn, labels = M.collate_sft(examples, pad_id=0)
+    assert attn.tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
     student, teacher = tiny_gpt2(20, 20, scale=3.0), tiny_gpt2(20, 21, scale=3.0)
-    lam = 0.3
     kd_sum, n = M.sft_loss(student, ids, attn, labels, torch.float32, teacher, lam)
     with torch.no_grad():
-        lq = torch.log_softmax(student(input_ids=ids, attention_mask=attn).logits, -1)
-        lp = torch.log_softmax(teacher(input_ids=ids, attention_mask=attn).logits, -1)
+        lq = torch.log_softmax(student(input_ids=torch.tensor([[5, 6, 8, 1]])).logits[0], -1)  # each row alone
+        lp = torch.log_softmax(teacher(input_ids=torch.tensor([[5, 6, 8, 1]])).logits[0], -1)
+        lq2 = torch.log_softmax(student(input_ids=torch.tensor([[7, 9, 10, 11, 1]])).logits[0], -1)
+        lp2 = torch.log_softmax(teacher(input_ids=torch.tensor([[7, 9, 10, 11, 1]])).logits[0], -1)
     manual = 0.0
-    for b, pos, target in [(0, 1, 8), (0, 2, 1), (1, 0, 9), (1, 1, 10), (1, 2, 1)]:  # position predicting target
-        ce = -lq[b, pos, target]
-        kl = (lp[b, pos].exp() * (lp[b, pos] - lq[b, pos])).sum()
+    for q_, p_, pos, target in [(lq, lp, 1, 8), (lq, lp, 2, 1), (lq2, lp2, 0, 9), (lq2, lp2, 1, 10), (lq2, lp2, 2, 11),
+                                (lq2, lp2, 3, 1)]:  # the position that predicts each target
+        ce = -q_[pos, target]
+        kl = (p_[pos].exp() * (p_[pos] - q_[pos])).sum()
         manual = manual + (1 - lam) * ce + lam * kl
-    assert n.item() == 5
+    assert n.item() == 6
     torch.testing.assert_close(kd_sum, manual, atol=1e-5, rtol=0)
-    sft_sum, _ = M.sft_loss(student, ids, attn, labels, torch.float32)
-    kd0_sum, _ = M.sft_loss(student, ids, attn, labels, torch.float32, teacher, 0.0)
-    assert torch.equal(kd0_sum, sft_sum)
 
 
 def test_baselines_end_to_end(tmp_path, saved_models):
@@ -500,10 +609,19 @@ def test_baselines_end_to_end(tmp_path, saved_models):
 
 
 def test_recipe_defaults_and_overrides():
-    """Defaults are the paper's; --recipe lmops switches them all; an explicit flag wins over either."""
-    paper, lmops = M.parse_args([]), M.parse_args(["--recipe", "lmops"])
-    for name, (p, o) in M.RECIPES.items():
-        assert getattr(paper, name) == p and getattr(lmops, name) == o, name
+    """Defaults are the paper's (NOTES §1, §3); --recipe lmops switches the six settings the official code computes
+    differently, and nothing else; an explicit flag wins over either."""
+    paper, lmops = vars(M.parse_args([])), vars(M.parse_args(["--recipe", "lmops"]))
+    expected_paper = dict(gamma=1.0, include_current=False, whiten=False, reward_scale=1.0, reward_clip=0.0, pt_kd_ratio=0.0)
+    expected_lmops = dict(gamma=0.95, include_current=True, whiten=True, reward_scale=0.5, reward_clip=100.0, pt_kd_ratio=0.5)
+    assert {k: paper[k] for k in expected_paper} == expected_paper
+    assert {k: lmops[k] for k in expected_lmops} == expected_lmops
+    assert {k for k in paper if paper[k] != lmops[k]} == set(expected_lmops) | {"recipe"}
+    shared = dict(alpha=0.2, clip_eps=0.2, length_norm=True, single_step=True, normalize="token", pt_coef=1.0, lr=5e-6,
+                  warmup_steps=100, weight_decay=1e-6, batch_size=64, rollouts=256, ppo_epochs=4, steps=5000,
+                  temperature=1.0, top_p=1.0, top_k=0, max_prompt_len=256, max_len=512, max_new_tokens=256,
+                  teacher_lr=5e-5, student_lr=5e-4, sft_batch_size=32, teacher_epochs=10, val_size=1000, grad_clip=1.0)
+    assert {k: paper[k] for k in shared} == shared
     mixed = M.parse_args(["--recipe", "lmops", "--no-whiten", "--gamma", "1.0"])
     assert mixed.whiten is False and mixed.gamma == 1.0 and mixed.include_current is True
     assert M.parse_args(["--include-current"]).include_current is True

@@ -214,23 +214,34 @@ def test_bad_input_exits_2_with_one_line(case, tmp_path, files, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]  # nothing written, nothing damaged
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, files, monkeypatch, capsys):
-    real, calls = M.sft_backward, []
+@pytest.mark.parametrize("stage", ["student-sft", "minillm"])
+def test_non_finite_loss_stops_before_the_update(stage, tmp_path, files, monkeypatch, capsys):
+    """A NaN loss at step 3 stops the run with exit status 2 before the optimizer step: the weights are those
+    the NaN step started from, and the message names the last good checkpoint (step 2)."""
+    name, key = ("sft_backward", "loss") if stage == "student-sft" else ("minillm_backward", "loss_long")
+    real, seen = getattr(M, name), []
 
-    def nan_at_step_3(*a, **k):
-        calls.append(1)
-        loss = real(*a, **k)
-        return float("nan") if len(calls) == 3 else loss
+    def nan_at_step_3(model, *a, **k):
+        out = real(model, *a, **k)
+        seen.append(model)
+        if len(seen) < 3:
+            return out
+        seen.append({n: t.detach().clone() for n, t in model.state_dict().items()})  # before the update
+        return float("nan") if stage == "student-sft" else dict(out, loss_long=float("nan"))
 
-    monkeypatch.setattr(M, "sft_backward", nan_at_step_3)
+    monkeypatch.setattr(M, name, nan_at_step_3)
+    extra = ["--method", "sft"] if stage == "student-sft" else ["--skip-teacher-sft", "--skip-student-sft"]
     with pytest.raises(SystemExit) as e:
-        M.main(cli(files, method="sft") + ["--out", str(tmp_path)])
-    assert e.value.code == 2
+        M.main(cli(files) + extra + ["--out", str(tmp_path)])
+    assert e.value.code == 2 and len(seen) == 4
     err = capsys.readouterr().err
-    assert "error: student-sft: non-finite loss at step 3, stopped before the update; the last good checkpoint is" in err
+    assert f"error: {stage}: non-finite {key} at step 3, stopped before the update; the last good checkpoint is" in err
     assert "(step 2)" in err
-    assert M.checkpoint_step(M.find_checkpoint(tmp_path / "student-sft" / "ckpt")) == 2
-    assert not (tmp_path / "student-sft" / "done.json").exists()
+    model, before = seen[2], seen[3]
+    after = model.state_dict()
+    assert all(torch.equal(after[n], before[n]) for n in before)  # no optimizer step with the NaN
+    assert M.checkpoint_step(M.find_checkpoint(tmp_path / stage / "ckpt")) == 2
+    assert not (tmp_path / stage / "done.json").exists()
 
 
 def test_cli_error_has_no_traceback(tmp_path, files):
@@ -276,10 +287,10 @@ def test_torchrun_two_ranks_train_as_one_process_with_the_global_batch(tmp_path,
 
 
 def shared_minibatch():
-    """The same student and the same minibatch of 4 rollouts on every rank (seeded), lmops-style advantages."""
-    from test_minillm import loss_args, make_batch
-    student, teacher = tiny_gpt2(30, 12, scale=5.0), tiny_gpt2(30, 13, scale=5.0)
-    mb = make_batch(student, teacher, [[3, 4], [5, 6, 7], [8], [9, 10, 11, 12]], n_new=6)
+    """The same student and the same minibatch of 4 rollouts on every rank (seeded); the responses end at EOS after
+    6, 1, 2 and 5 tokens."""
+    from test_minillm import eos_batch, loss_args
+    student, _, mb = eos_batch()
     return student, mb, loss_args(clip_eps=0.2, micro_batch_size=1)
 
 
@@ -287,7 +298,9 @@ def share_gradients(normalize):
     """This rank's rows of the minibatch, advantages whitened over all ranks, the gradient through DDP."""
     student, mb, args = shared_minibatch()
     args.normalize = normalize
-    mine = {k: v[M.rank()::M.world()] for k, v in mb.items()}  # rows 0, 2 | rows 1, 3: unequal token counts
+    mine = {k: v[M.rank()::M.world()] for k, v in mb.items()}  # rows 0, 2 | rows 1, 3
+    if M.world() > 1:
+        assert mine["mask"].sum().item() == [8, 6][M.rank()]  # unequal token counts: the count must be global
     mine["adv"] = M.whiten_global(mine["adv"], mine["mask"])
     stats = M.minillm_backward(M.wrap_ddp(student, "cpu"), mine, args, torch.float32)
     return torch.cat([p.grad.flatten() for p in student.parameters()]), stats

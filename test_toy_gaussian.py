@@ -301,6 +301,12 @@ def test_main_table(tmp_path, monkeypatch, capsys):
     assert len(others) == 2
     assert any(float(line.split()[3]) == pytest.approx(2.5, abs=0.1)
                and line.endswith("comp 2") for line in others)
+    means, stds, weights = (-2.5, 2.5), (0.6, 0.9), (0.65, 0.35)
+    fits = {name: [float(x) for x in rows[name].split()[3:7]] for name in ("forward", "reverse")}
+    for mu, sigma, fwd, rev in fits.values():  # each KL column is the KL it names, at the printed (rounded) fit
+        assert fwd == pytest.approx(tg.forward_kl(mu, sigma, means, stds, weights).item(), rel=1e-3)
+        assert rev == pytest.approx(tg.reverse_kl(mu, sigma, means, stds, weights).item(), rel=1e-3)
+    assert fits["forward"][2] < fits["reverse"][2] and fits["reverse"][3] < fits["forward"][3]  # each fit wins its own KL
     assert list(tmp_path.iterdir()) == []
 
 
