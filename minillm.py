@@ -529,7 +529,7 @@ def draw(probs, generator=None):
 def store_dtype(dtype):
     """What the rollout buffer keeps the teacher's log-probabilities in. fp32 runs: fp32. bf16 runs: fp16, at the
     same memory as bf16 but with an 8x finer step (log-probabilities are <= 0 and bounded, so fp16's range is enough)."""
-    return torch.float32 if dtype == torch.float32 else torch.float16
+    return torch.float16 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 @torch.no_grad()
@@ -847,7 +847,7 @@ def collect_rollouts(student, teacher, prompts, args, eos_id, pad_id, dtype, gen
     buf = concat_rollouts(chunks, pad_id)
     if store is not None:  # a view; columns past a chunk's length hold finite leftovers, masked like all padding
         buf["teacher_logits"] = store[:len(prompts), :buf["mask"].shape[1]]
-    if dtype != torch.float32:
+    if dtype in (torch.bfloat16, torch.float16):
         buf["logp_student"] = recompute_logp_old(student, buf, args.micro_batch_size, dtype)
     mask = buf["mask"]
     r = rewards(buf["logp_teacher"], buf["logp_student"], mask, args.reward_scale, args.reward_clip)

@@ -117,6 +117,16 @@ def response_logits(model, y):
     return model(input_ids=ids).logits[:, len(PROMPT) - 1:-1]  # (1, n, V)
 
 
+def fake_sampler(rollout, teacher_out):
+    """sample_rollouts' contract: the teacher's log-probs go into `teacher_out` (the collection's buffer) when given."""
+    out = {k: v.clone() for k, v in rollout.items()}
+    if teacher_out is not None:
+        n = out["tokens"].shape[1]
+        teacher_out[:, :n] = torch.log_softmax(out["teacher_logits"], -1)
+        out["teacher_logits"] = teacher_out[:, :n]
+    return out
+
+
 def surrogate_gradient(student, teacher, include_current=False, single_step=True, length_norm=False):
     """Σ_y q_θ(y) ∇ loss(y): the expectation over every response of the per-sequence surrogate. The rewards and
     advantages of each response come from the production code (`collect_rollouts`, flags parsed by `parse_args`),
@@ -135,7 +145,7 @@ def surrogate_gradient(student, teacher, include_current=False, single_step=True
         rollout = {"tokens": tokens, "mask": ones, "logp_student": logq, "logp_teacher": logp, "logp_mix": logq,
                    "w": ones, "kl": M.single_step_kl(zs, zt), "teacher_logits": zt}
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(M, "sample_rollouts", lambda *a, **k: {k_: v.clone() for k_, v in rollout.items()})
+            mp.setattr(M, "sample_rollouts", lambda *a, **k: fake_sampler(rollout, k.get("teacher_out")))
             mb = M.collect_rollouts(student, teacher, [PROMPT], args, EOS, 0, torch.float64)
         loss, _ = M.minillm_loss(student, mb, args, n_norm=1, dtype=torch.float64)
         (logq.sum().exp() * loss).backward()  # weight by q_θ(y): an exact expectation, no sampling
