@@ -14,15 +14,17 @@ Stages, each a Hugging Face checkpoint + log.jsonl under --out, skipped when alr
     OUT/student-sft/   SFT of the student, the checkpoint with the lowest validation loss is kept
     OUT/minillm/       MiniLLM distillation starting from OUT/student-sft/
 Rerunning the same command resumes the unfinished stage from OUT/stage/ckpt/ (--save-interval);
-`torchrun --nproc_per_node=K minillm.py ...` runs every stage data-parallel (DDP, teacher replicated).
+`torchrun --nproc_per_node=K minillm.py ...` runs every stage data-parallel (DDP, teacher replicated);
+add --fsdp when the student's training state does not fit one device (FSDP2: weights, gradients and AdamW
+state sharded per transformer block; --fsdp-teacher shards the teacher too).
 
 Reading order: arguments -> the math (pure functions of tensors) -> data -> models -> teacher-mixed
 sampling -> SFT -> the distillation loop -> main.
 
 Deliberate simplifications, stated up front:
-  * One device per process (CUDA bf16 or CPU fp32), plain DDP across processes: every rank holds the
-    whole teacher and student. No DeepSpeed/ZeRO, no value network, no KL-to-reference: the official
-    code has none of the last two either.
+  * One device per process (CUDA bf16 or CPU fp32), plain DDP across processes (every rank holds the
+    whole teacher and student) or PyTorch's own FSDP2 (--fsdp). No DeepSpeed, no tensor parallelism, no
+    value network, no KL-to-reference: the official code has none of the last two either.
   * The teacher runs exactly once per rollout token: the logits it produces while sampling are kept and
     reused for the rewards and the single-step term (the official code re-runs the teacher 3+ times).
   * Advantages (and their whitening, lmops recipe only) are computed once per collection of rollouts,
@@ -1460,8 +1462,8 @@ def prepare_out(out, args):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Several processes: `torchrun --nproc_per_node=K minillm.py ...` runs every stage data-parallel (DDP).
-# Every rank holds the whole student and the whole teacher; a global batch is drawn identically on every
+# Several processes: `torchrun --nproc_per_node=K minillm.py ...` runs every stage data-parallel (DDP; --fsdp
+# below shards instead). Every rank holds the whole student and the whole teacher; a global batch is drawn identically on every
 # rank and each rank trains on its share; gradients are all-reduced by DDP. Without torchrun these helpers
 # do nothing, and the single-process code path is exactly the one above.
 
