@@ -14,15 +14,17 @@ Stages, each a Hugging Face checkpoint + log.jsonl under --out, skipped when alr
     OUT/student-sft/   SFT of the student, the checkpoint with the lowest validation loss is kept
     OUT/minillm/       MiniLLM distillation starting from OUT/student-sft/
 Rerunning the same command resumes the unfinished stage from OUT/stage/ckpt/ (--save-interval);
-`torchrun --nproc_per_node=K minillm.py ...` runs every stage data-parallel (DDP, teacher replicated).
+`torchrun --nproc_per_node=K minillm.py ...` runs every stage data-parallel (DDP, teacher replicated);
+add --fsdp when the student's training state does not fit one device (FSDP2: weights, gradients and AdamW
+state sharded per transformer block; --fsdp-teacher shards the teacher too).
 
 Reading order: arguments -> the math (pure functions of tensors) -> data -> models -> teacher-mixed
 sampling -> SFT -> the distillation loop -> main.
 
 Deliberate simplifications, stated up front:
-  * One device per process (CUDA bf16 or CPU fp32), plain DDP across processes: every rank holds the
-    whole teacher and student. No DeepSpeed/ZeRO, no value network, no KL-to-reference: the official
-    code has none of the last two either.
+  * One device per process (CUDA bf16 or CPU fp32), plain DDP across processes (every rank holds the
+    whole teacher and student) or PyTorch's own FSDP2 (--fsdp). No DeepSpeed, no tensor parallelism, no
+    value network, no KL-to-reference: the official code has none of the last two either.
   * The teacher runs exactly once per rollout token: the logits it produces while sampling are kept and
     reused for the rewards and the single-step term (the official code re-runs the teacher 3+ times).
   * Advantages (and their whitening, lmops recipe only) are computed once per collection of rollouts,
@@ -38,7 +40,7 @@ import random
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from itertools import islice, zip_longest
 from pathlib import Path
 
@@ -139,6 +141,15 @@ def build_parser():
                         "the rollout buffer (teacher logits included) is too big to save")
     g.add_argument("--stop-after", type=int, default=0, help="exit (status 3) after K steps of the current stage, as if killed; for resume tests")
     g.add_argument("--overwrite", action="store_true", help="--out holds a run with other arguments: delete its stages and start again")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard every trained model per transformer block (weights, gradients, AdamW state) across the torchrun "
+                        "processes with PyTorch FSDP2: bf16 compute, fp32 master weights. For pairs whose training state does "
+                        "not fit one device (the paper's LLaMA-13B -> 7B); without it every rank holds everything (DDP)")
+    g.add_argument("--fsdp-teacher", action="store_true",
+                   help="with --fsdp: shard the frozen teacher too (default: a whole bf16 copy on every rank, which samples faster)")
+    g.add_argument("--fsdp-sample-sharded", action="store_true",
+                   help="with --fsdp: sample with the student sharded, all-gathering every block at every token (default: "
+                        "all-gather it once per rollout collection and keep it whole in bf16 while sampling)")
     return p
 
 
@@ -172,6 +183,8 @@ def check_args(args):
     if not 0.0 < args.top_p <= 1.0:
         die(f"--top-p must be in (0, 1], got {args.top_p}")
     check_device(args.device)
+    if (args.fsdp_teacher or args.fsdp_sample_sharded) and not args.fsdp:
+        die("--fsdp-teacher and --fsdp-sample-sharded need --fsdp")
 
 
 def check_device(device):
@@ -582,7 +595,7 @@ def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_id, pad_id, m
             if keep_teacher_logits:  # clamped so that fp16 holds it (-inf would make 0·inf = NaN in a KL)
                 teacher_out[:, t].copy_(logp.clamp(min=-1e4), non_blocking=True)
             done = done | (y == eos_id)
-            if done.all() or t == max_new_tokens - 1:
+            if all_done(done, student, teacher) or t == max_new_tokens - 1:  # under FSDP: every rank's rollouts
                 break  # the last token needs no forward: nobody conditions on it
             attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
             zs = forward(student, y[:, None], attn, cache_s)[:, -1].float()
@@ -730,11 +743,14 @@ def eval_loss(model, data, pad_id, batch_size, dtype, device):
     """Token-mean validation loss; each rank evaluates its share and the sums are all-reduced."""
     model.eval()
     total, n = 0.0, 0.0
-    data = data[rank()::world()]
-    for i in range(0, len(data), batch_size):
-        ids, attn, labels = (x.to(device) for x in collate_sft(data[i:i + batch_size], pad_id))
+    mine = data[rank()::world()]
+    n_batches = math.ceil(math.ceil(len(data) / world()) / batch_size)  # the same on every rank (FSDP: collectives)
+    for i in range(0, n_batches * batch_size, batch_size):
+        examples = mine[i:i + batch_size]
+        ids, attn, labels = (x.to(device) for x in collate_sft(examples or data[:1], pad_id))
         s, c = sft_loss(model, ids, attn, labels, dtype)
-        total, n = total + s.item(), n + c.item()
+        if examples:  # an empty share still runs the forward, and counts nothing
+            total, n = total + s.item(), n + c.item()
     model.train()
     return all_sum(total) / max(all_sum(n), 1)
 
@@ -742,16 +758,17 @@ def eval_loss(model, data, pad_id, batch_size, dtype, device):
 def sft_backward(model, batch, n_tokens, pad_id, args, dtype, teacher=None, kd_ratio=0.0):
     """Gradient of the global batch's token-mean loss; this rank does its share, in micro-batches.
     Returns the batch's loss (all ranks)."""
-    mine = batch[rank()::world()]
-    micro = [mine[i:i + args.sft_micro_batch_size] for i in range(0, len(mine), args.sft_micro_batch_size)]
+    mine, mbs = batch[rank()::world()], args.sft_micro_batch_size
+    n_micro = math.ceil(math.ceil(len(batch) / world()) / mbs)  # the same on every rank: DDP and FSDP sync in backward
     total = 0.0
-    for j, examples in enumerate(micro or [batch[:1]]):  # an empty share still joins DDP's all-reduce, with weight 0
-        ids, attn, labels = (x.to(args.device) for x in collate_sft(examples, pad_id))
-        with grad_sync(model, last=j == max(len(micro), 1) - 1):
+    for j in range(n_micro):
+        examples = mine[j * mbs:(j + 1) * mbs]  # an empty share still joins the collectives, with weight 0
+        ids, attn, labels = (x.to(args.device) for x in collate_sft(examples or batch[:1], pad_id))
+        with grad_sync(model, last=j == n_micro - 1):
             loss_sum, _ = sft_loss(model, ids, attn, labels, dtype, teacher, kd_ratio)
-            # a SUM over tokens / the global batch's token count; × world because DDP averages the ranks
-            (loss_sum / n_tokens * (world() if micro else 0)).backward()
-        total += loss_sum.item() if micro else 0.0
+            # a SUM over tokens / the global batch's token count; × world because DDP and FSDP average the ranks
+            (loss_sum / n_tokens * (world() if examples else 0)).backward()
+        total += loss_sum.item() if examples else 0.0
     return all_sum(total) / n_tokens
 
 
@@ -760,18 +777,18 @@ def sft(model, tok, train, val, out_dir, args, lr, epochs, dtype, teacher=None, 
     resume: a checkpoint folder (find_checkpoint) to continue from; `model` was loaded from it."""
     device, name, ckpt_dir = args.device, Path(out_dir).name, Path(out_dir) / "ckpt"
     os.makedirs(out_dir, exist_ok=True)
+    ddp = wrap_model(model, args, dtype)  # DDP, or FSDP (which swaps the parameters for shards: before the optimizer)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.sft_weight_decay)
     steps_per_epoch = math.ceil(len(train) / args.sft_batch_size)
     total = epochs * steps_per_epoch if not args.sft_max_steps else min(args.sft_max_steps, epochs * steps_per_epoch)
     g = torch.Generator().manual_seed(args.seed)  # the data order, the same on every rank
     best, step, first_epoch, first_batch, log_lines = float("inf"), 0, 0, 0, 0
     if resume:
-        state = load_train_state(resume, opt, device)
+        state = load_train_state(resume, opt, device, model)
         best, step, first_epoch, first_batch, log_lines = (state[k] for k in ["best", "step", "epoch", "batch", "log_lines"])
         g.set_state(state["rng"]["data_order"])  # as at the start of that epoch: its order is drawn again
         print(f"{name}: resuming from step {step} (epoch {first_epoch}, batch {first_batch}) of {resume}")
     start, logger = step, Logger(Path(out_dir) / "log.jsonl", keep=log_lines)
-    ddp = wrap_ddp(model, device)
     model.train()  # dropout on during SFT, as the official code
     bar = __import__("tqdm").tqdm(total=total, initial=step, desc=f"sft {name}", dynamic_ncols=True, disable=not is_main())
     for epoch in range(first_epoch, epochs):
@@ -786,7 +803,7 @@ def sft(model, tok, train, val, out_dir, args, lr, epochs, dtype, teacher=None, 
                 g_lr["lr"] = cosine_lr(step, total, lr, args.min_lr)
             t0 = time.time()
             loss = sft_backward(ddp, batch, n_tokens, tok.pad_token_id, args, dtype, teacher, kd_ratio)
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)  # global norm, also under FSDP
             check_finite(name, step + 1, ckpt_dir, loss=loss, grad_norm=gnorm.item())
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -903,12 +920,13 @@ def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None
     os.makedirs(out_dir, exist_ok=True)
     log_path = Path(out_dir) / "log.jsonl"
     assert not any(p.requires_grad for p in teacher.parameters()), "the teacher is frozen"
+    model = wrap_model(student, args, dtype)  # the losses run through DDP/FSDP; sampling uses the bare student
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     gen = torch.Generator(device=device).manual_seed(args.seed + rank())  # each rank samples its own rollouts
     order_rng = random.Random(args.seed)  # the prompts and the minibatch order: the same on every rank
     start, pt_used, log_lines = 0, 0, 0
     if resume:
-        state = load_train_state(resume, opt, device)
+        state = load_train_state(resume, opt, device, student)
         start, pt_used, log_lines = state["step"], state["pt_used"], state["log_lines"]
         gen.set_state(state["rng"]["gen"])
         order_rng.setstate(state["rng"]["order"])
@@ -916,7 +934,6 @@ def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None
             next(pt_stream)
         print(f"minillm: resuming from step {start} of {resume}")
     logger = Logger(log_path, keep=log_lines)
-    model = wrap_ddp(student, device)  # the losses run through DDP; sampling uses the bare student
     store = teacher_store(args, min(args.rollouts, len(prompts)) // world(), n_logits(teacher), dtype)  # once, reused
     queue = []  # minibatch index lists still to train on for the current collection
     buf, step, saved = None, start, start
@@ -928,8 +945,9 @@ def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None
             n = min(args.rollouts, len(prompts)) // world() * world()  # an equal share for every rank
             batch_prompts = [prompts[i] for i in order_rng.sample(range(len(prompts)), n)]
             buf = None  # the last collection's tensors go before the next one's arrive
-            buf = collect_rollouts(student, teacher, batch_prompts[rank()::world()], args, tok.eos_token_id,
-                                   tok.pad_token_id, dtype, gen, store)
+            with gathered(student, not args.fsdp_sample_sharded):  # FSDP: all-gathered once, not at every token
+                buf = collect_rollouts(student, teacher, batch_prompts[rank()::world()], args, tok.eos_token_id,
+                                       tok.pad_token_id, dtype, gen, store)
             roll_stats = rollout_stats(buf, time.time() - t_s)
             n, b = buf["tokens"].shape[0], args.batch_size // world()
             for _ in range(args.ppo_epochs):
@@ -1062,10 +1080,10 @@ def sft_stage(path, init, tok, train, val, args, lr, epochs, dtype, teacher_path
         return path
     set_seed(args.seed + rank())  # every stage starts from the seed, so a stage started by a rerun starts the same
     resume = find_checkpoint(Path(path) / "ckpt")
-    model = load_model(resume or init, args.device, torch.float32, args.trust_remote_code, len(tok))
+    model = load_trained(resume, init, args, len(tok))
     teacher = None
     if kd_ratio > 0:
-        teacher = load_model(teacher_path, args.device, dtype, args.trust_remote_code, len(tok)).eval().requires_grad_(False)
+        teacher = load_teacher(teacher_path, args, dtype, len(tok))
         assert n_logits(teacher) == n_logits(model), "one tokenizer (check_teacher_vocab), so one shared vocabulary"
     sft(model, tok, train, val, path, args, lr, epochs, dtype, teacher, kd_ratio, resume)
     return path
@@ -1137,8 +1155,8 @@ def run(args):
         return
     set_seed(args.seed + rank())
     resume = find_checkpoint(Path(minillm_path) / "ckpt")
-    teacher = load_model(teacher_path, args.device, dtype, args.trust_remote_code, len(tok)).eval().requires_grad_(False)
-    student = load_model(resume or student_path, args.device, torch.float32, args.trust_remote_code, len(tok))
+    teacher = load_teacher(teacher_path, args, dtype, len(tok))
+    student = load_trained(resume, student_path, args, len(tok))
     assert n_logits(teacher) == n_logits(student), "one tokenizer (check_teacher_vocab), so one shared vocabulary"
     pt_stream = None
     if args.pt_data != "none" and args.pt_coef > 0:  # each rank reads every world()-th chunk
@@ -1348,6 +1366,23 @@ def load_model(name, device, dtype=torch.float32, trust_remote_code=False, vocab
     return fp32_head(model, vocab_size).to(device)
 
 
+def load_trained(resume, init, args, vocab_size=None):
+    """The model a stage trains, in fp32 (master weights): from its resume checkpoint when that holds the weights
+    whole (one process, DDP), else from `init`: an --fsdp checkpoint holds shards, which load_train_state reads once
+    the model is sharded. --fsdp loads on the CPU: fully_shard moves each rank's shard to its device."""
+    whole = resume is not None and not (Path(resume) / "dcp").exists()
+    return load_model(str(resume) if whole else init, "cpu" if args.fsdp else args.device, torch.float32, args.trust_remote_code,
+                      vocab_size)
+
+
+def load_teacher(path, args, dtype, vocab_size=None):
+    """The frozen teacher p in the compute dtype, in eval mode: whole on every rank, or (--fsdp-teacher) loaded on
+    the CPU and sharded, each rank keeping its shard on its device."""
+    teacher = load_model(path, "cpu" if args.fsdp_teacher else args.device, dtype, args.trust_remote_code, vocab_size)
+    teacher = teacher.eval().requires_grad_(False)
+    return shard(teacher, args.device, dtype) if args.fsdp_teacher else teacher
+
+
 def check_same_vocab(tok_t, tok_s, vt, vs):
     """MiniLLM compares p and q_θ token by token: both must index the same tokens. The tokenizers must be the
     same; the models may pad their embedding matrices differently (vt, vs logits: Qwen2.5-1.5B has 151,936,
@@ -1420,12 +1455,14 @@ def plot_curve(log_path, key, png_path, title):
 
 def save_checkpoint(model, tok, path):
     """A stage's model as a Hugging Face folder (rank 0). Written to path/.saving first, then moved in file
-    by file with os.replace (atomic), so a kill mid-save never leaves a half-written model.safetensors."""
+    by file with os.replace (atomic), so a kill mid-save never leaves a half-written model.safetensors.
+    Under FSDP every rank sends its shards and rank 0 writes the consolidated fp32 weights."""
+    weights = full_state_dict(model)  # None unless sharded (a collective: every rank calls save_checkpoint)
     if not is_main():
         return
     tmp = Path(path) / ".saving"
     shutil.rmtree(tmp, ignore_errors=True)
-    unwrap(model).save_pretrained(tmp, safe_serialization=True)
+    unwrap(model).save_pretrained(tmp, safe_serialization=True, state_dict=weights)
     tok.save_pretrained(tmp)
     for f in tmp.iterdir():
         os.replace(f, Path(path) / f.name)
@@ -1461,6 +1498,8 @@ def set_seed(seed):
 #   model.safetensors + config.json   the weights being trained (the stage's best model lives in OUT/stage/)
 #   optimizer.pt                      AdamW moments (read back with torch.load(weights_only=True): no code runs)
 #   state.pt                          step, data position, best val loss, log lines, every rank's RNG states
+# Under --fsdp the weights and AdamW moments are instead dcp/, every rank's shards (torch.distributed.checkpoint):
+# no rank ever holds the whole training state. The run folder must then be on a file system all ranks share.
 # The learning-rate schedule is a function of the step, so the step is all it needs.
 
 
@@ -1468,12 +1507,20 @@ def save_train_state(path, model, opt, rng, **state):
     """Write ckpt.tmp/, then swap it in with two renames. Until the new checkpoint is complete the previous
     one stays, as ckpt/ or (killed between the renames) ckpt.old/; find_checkpoint looks at both."""
     rngs = all_gather_objects(rng)  # every rank's RNG states; rank 0 writes them all
+    path = Path(path)
+    tmp, old = Path(str(path) + ".tmp"), Path(str(path) + ".old")
     if is_main():
-        path = Path(path)
-        tmp, old = Path(str(path) + ".tmp"), Path(str(path) + ".old")
         shutil.rmtree(tmp, ignore_errors=True)
-        unwrap(model).save_pretrained(tmp, safe_serialization=True)
-        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    barrier()
+    if is_fsdp(model):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        model_sd, opt_sd = get_state_dict(model, opt)  # this rank's shards, keyed by their names in the whole model
+        dcp.save({"model": model_sd, "optimizer": opt_sd}, checkpoint_id=str(tmp / "dcp"))  # every rank writes its own
+    if is_main():
+        if not is_fsdp(model):
+            unwrap(model).save_pretrained(tmp, safe_serialization=True)
+            torch.save(opt.state_dict(), tmp / "optimizer.pt")
         torch.save(dict(state, rng=rngs), tmp / "state.pt")  # written last: a folder with state.pt is complete
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)  # path is complete, so an older ckpt.old is not needed
@@ -1491,13 +1538,21 @@ def find_checkpoint(path):
     return None
 
 
-def load_train_state(path, opt, device):
-    """Optimizer moments into `opt`; returns the state dict, with this rank's RNG states already restored."""
+def load_train_state(path, opt, device, model=None):
+    """Optimizer moments into `opt` (and, from an --fsdp checkpoint, the weights' shards into the sharded `model`);
+    returns the state dict, with this rank's RNG states already restored."""
     state = torch.load(Path(path) / "state.pt", weights_only=True)
-    opt.load_state_dict(torch.load(Path(path) / "optimizer.pt", map_location=device, weights_only=True))
     if len(state["rng"]) != world():
         die(f"the checkpoint {path} was written by {len(state['rng'])} processes and this run has {world()}; resume with "
             f"as many (torchrun --nproc_per_node={len(state['rng'])}), or delete {path} to restart the stage")
+    if (Path(path) / "dcp").exists():
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        model_sd, opt_sd = get_state_dict(model, opt)  # the layout to fill: this rank's shards
+        dcp.load({"model": model_sd, "optimizer": opt_sd}, checkpoint_id=str(Path(path) / "dcp"))
+        set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=opt_sd)
+    else:
+        opt.load_state_dict(torch.load(Path(path) / "optimizer.pt", map_location=device, weights_only=True))
     state["rng"] = state["rng"][rank()]
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
@@ -1569,8 +1624,8 @@ def prepare_out(out, args):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Several processes: `torchrun --nproc_per_node=K minillm.py ...` runs every stage data-parallel (DDP).
-# Every rank holds the whole student and the whole teacher; a global batch is drawn identically on every
+# Several processes: `torchrun --nproc_per_node=K minillm.py ...` runs every stage data-parallel (DDP; --fsdp
+# below shards instead). Every rank holds the whole student and the whole teacher; a global batch is drawn identically on every
 # rank and each rank trains on its share; gradients are all-reduced by DDP. Without torchrun these helpers
 # do nothing, and the single-process code path is exactly the one above.
 
@@ -1597,13 +1652,23 @@ def barrier():
 
 
 def init_distributed(args):
-    """torchrun starts one process per device and sets RANK, LOCAL_RANK and WORLD_SIZE: join the group."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    """torchrun starts one process per device and sets RANK, LOCAL_RANK and WORLD_SIZE: join the group.
+    --fsdp in one process without torchrun: a group of one (FSDP needs a process group)."""
+    torchrun = "RANK" in os.environ and "MASTER_ADDR" in os.environ
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not args.fsdp:
         return
     if args.device.startswith("cuda"):
-        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(args.device)
-    torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    backend = "nccl" if args.device.startswith("cuda") else "gloo"
+    if torchrun:
+        torch.distributed.init_process_group(backend)
+    else:
+        import socket
+        with socket.socket() as s:  # a free port on this machine
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     if not is_main():
         sys.stdout = open(os.devnull, "w")  # rank 0 alone prints; errors (stderr) still show on every rank
 
@@ -1652,8 +1717,88 @@ def unwrap(model):
 
 
 def grad_sync(model, last):
-    """Accumulate micro-batch gradients locally and all-reduce once, on the step's last backward."""
+    """DDP: accumulate micro-batch gradients locally and all-reduce once, on the step's last backward.
+    FSDP: every backward reduce-scatters (FSDP2 sums into the sharded gradient), so no rank ever holds a whole
+    gradient: more communication, the memory FSDP is for."""
     return model.no_sync() if hasattr(model, "no_sync") and not last else nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------------
+# --fsdp: PyTorch FSDP2 (torch.distributed.fsdp.fully_shard). Each rank holds 1/K of every parameter, gradient
+# and AdamW moment; a transformer block is all-gathered just before its forward (and again in backward) and
+# freed after, gradients are reduce-scattered. Every forward is therefore a collective: all ranks must run
+# the same forwards, which is why eval_loss, sft_backward and the samplers keep the ranks in step.
+
+def shard(model, device, dtype=torch.float32):
+    """fully_shard each transformer block (the model's _no_split_modules), then the root (embeddings, final norm,
+    LM head). The sharded parameters keep their dtype (fp32 master weights for a trained model); with dtype bf16
+    the all-gathered copy the forward uses is bf16 and gradients are reduced in fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(torch.device(device).type, (world(),))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == torch.bfloat16 else MixedPrecisionPolicy()
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        die(f"--fsdp: cannot find the transformer blocks of {type(model).__name__} (its _no_split_modules is empty)")
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def wrap_model(model, args, dtype):
+    """The trained model across processes: sharded in place (--fsdp) or wrapped by DDP; one process: itself."""
+    return shard(model, args.device, dtype) if args.fsdp else wrap_ddp(model, args.device)
+
+
+def is_fsdp(model):
+    if not dist_on():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def all_done(done, *models):
+    """Decoding may stop once every sequence has ended: on this rank, or, with a sharded model, on every rank,
+    since each forward is then a collective (a finished rank keeps decoding padding until the others end)."""
+    if not any(is_fsdp(m) for m in models):
+        return bool(done.all())
+    return all_sum(float(not done.all())) == 0
+
+
+@contextmanager
+def gathered(model, on=True):
+    """FSDP: keep `model` all-gathered (whole, in its compute dtype) for the length of the block, then shard it
+    again. A rollout collection runs one forward per token: sharded, each would all-gather every block again.
+    Costs the whole model's bf16 weights on every rank. Does nothing to a model that is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+    if not (on and is_fsdp(model)):
+        yield model
+        return
+    model.set_reshard_after_forward(False)  # the first forward gathers each block and keeps it
+    try:
+        yield model
+    finally:
+        model.set_reshard_after_forward(True)
+        model.set_reshard_after_forward(False, recurse=False)  # fully_shard's default for the root unit
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+
+
+def full_state_dict(model):
+    """FSDP: the whole model's weights, gathered to rank 0 on the CPU (other ranks get {}); otherwise None."""
+    if not is_fsdp(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    first = {}  # tied weights (GPT-2's LM head is its embedding) arrive as copies: share them again, so that
+    for name, p in model.named_parameters(remove_duplicate=False):  # save_pretrained writes them once, as always
+        first.setdefault(id(p), name)
+        if name in weights and first[id(p)] != name:
+            weights[name] = weights[first[id(p)]]
+    return weights
 
 
 def whiten_global(x, mask, eps=1e-8):
