@@ -451,7 +451,7 @@ def run_exposure(args, dtype):
                                   for l in range(args.max_new_tokens)]
     (out / "exposure.csv").write_text("\n".join(lines) + "\n")
     plot_lines(out / "exposure_bias.png", {t: curves[n][2].tolist() for t, n in zip(tags, args.model)}, "generation length l",
-               "ExAccErr(l) (%)", f"Exposure bias: excess accumulated error, teacher {args.teacher} as oracle")
+               "ExAccErr(l) (%)", f"Exposure bias: excess accumulated error, {Path(args.teacher).name} as the oracle")
     print(f"wrote {out / 'exposure.csv'} and {out / 'exposure_bias.png'}")
     return curves
 

@@ -7,7 +7,6 @@ import json
 import os
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -22,7 +21,7 @@ from test_minillm import tiny_gpt2, word_tokenizer
 # 1. Training diagnostics: what a collection of rollouts says about degeneration.
 
 def test_rollout_diagnostics_by_hand():
-    eos, pad = 1, 0
+    eos = 1
     tokens = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5],   # no EOS (hit the limit); 6 4-grams, 2 repeat an earlier one
                            [5, 6, 1, 0, 0, 0, 0, 0, 0],   # ended; too short for a 4-gram
                            [5, 6, 1, 0, 0, 0, 0, 0, 0],   # the same response again
