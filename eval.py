@@ -567,7 +567,7 @@ def run_ece(args, dtype):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ece.json").write_text(json.dumps({"data": name, "bins": ECE_BINS, "results": results}, indent=1) + "\n")
-    plot_reliability(out / "calibration.png", results, name)
+    plot_reliability(out / "calibration.png", results, Path(name).name)
     print(f"wrote {out / 'ece.json'} and {out / 'calibration.png'}")
     return results
 

@@ -1310,7 +1310,11 @@ def plot_diagnostics(log_path, png_path):
         ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r])
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
-    fig.suptitle("MiniLLM training diagnostics (per collection of rollouts)")
+        if key in ("no_eos", "rep4", "distinct", "top1"):  # shares: on [0, 1], the warning threshold dashed
+            ax.set_ylim(-0.02, 1.02)
+        if key in ("no_eos", "rep4"):
+            ax.axhline(WARN_NO_EOS if key == "no_eos" else WARN_REPEAT, color="r", ls="--", lw=0.8)
+    fig.suptitle("MiniLLM training diagnostics (per collection of rollouts; dashed: the warning thresholds)")
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
