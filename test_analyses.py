@@ -258,3 +258,16 @@ def test_a_local_judge_that_writes_garbage_is_counted_not_dropped(saved, tmp_pat
                   "--data", str(saved / "test.jsonl"), "--seeds", "10", "--max-new-tokens", "3", "--out", str(tmp_path),
                   "--device", "cpu"])[m]["test"]
     assert (res["rated"], res["failed"], res["score"]) == (4, 4, None)
+
+
+def test_ece_hub_sets_map_to_the_papers_prompts(monkeypatch):
+    """sst2 / boolq load their hub validation split (faked here: no network) into the paper's two prompts."""
+    import datasets
+    asked = []
+    fake = {"stanfordnlp/sst2": [{"idx": 0, "sentence": "a gripping film", "label": 1}],
+            "google/boolq": [{"question": "is the sky blue", "answer": False, "passage": "It is grey."}]}
+    monkeypatch.setattr(datasets, "load_dataset", lambda repo, split: asked.append((repo, split)) or fake[repo])
+    assert E.load_classification("sst2") == [(E.SST2_PROMPT, "a gripping film", ["negative", "positive"], 1)]
+    assert E.load_classification("boolq") == [('Read the input passage and answer the question: is the sky blue? Your '
+                                                'answer should be "Yes" or "No".', "It is grey.", ["No", "Yes"], 0)]
+    assert asked == [("stanfordnlp/sst2", "validation"), ("google/boolq", "validation")]
