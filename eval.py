@@ -422,6 +422,9 @@ def sample_and_score_kl(sampler, teacher, student, examples, n_samples, seed, ar
     return torch.cat(kls), torch.cat(masks)
 
 
+MIN_RUNNING = 0.01  # the figure stops where fewer than 1% of the samples still run (the CSV has every l, and the counts)
+
+
 def run_exposure(args, dtype):
     """eval.py --analysis exposure: ExAccErr(l) of each --model against --teacher -> exposure.csv, exposure_bias.png."""
     if not args.teacher:
@@ -438,38 +441,51 @@ def run_exposure(args, dtype):
                                         tok.eos_token_id, tok.pad_token_id)
         kl_t, m_t = sample_and_score_kl(teacher, teacher, student, examples, args.samples, args.seeds[0], args, dtype,
                                         tok.eos_token_id, tok.pad_token_id)
-        curves[name] = exposure_curves(kl_s, m_s, kl_t, m_t)
-        R, eps, err = curves[name]
+        # The samples still running at each position: past the typical length the means rest on a few samples.
+        curves[name] = (*exposure_curves(kl_s, m_s, kl_t, m_t), m_s.sum(0), m_t.sum(0))
+        R, eps, err, n_s, n_t = curves[name]
+        n_min = MIN_RUNNING * len(m_s)
+        ok = int(((n_s >= n_min) & (n_t >= n_min)).sum())  # masks are prefixes: the first `ok` positions
         print(f"{name}: ExAccErr({args.max_new_tokens}) = {err[-1]:.1f}%  R = {R[-1]:.3f}  l·ε = {args.max_new_tokens * eps[-1]:.3f}"
+              f"  | ExAccErr({ok}) = {err[ok - 1] if ok else float('nan'):.1f}% (the last l where >= {MIN_RUNNING:.0%} of the samples run)"
               f"  | mean length {m_s.sum(1).mean():.1f} (student), {m_t.sum(1).mean():.1f} (teacher)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     short = [Path(n).name for n in args.model]
     tags = short if len(set(short)) == len(short) else [safe_name(n) for n in args.model]  # column names
-    header = ["l"] + [f"{t}_{k}" for t in tags for k in ("R", "eps", "exaccerr")]
-    lines = [",".join(header)] + [",".join([str(l + 1)] + [f"{curves[n][k][l].item():.6g}" for n in args.model for k in range(3)])
+    keys = ("R", "eps", "exaccerr", "running_student", "running_teacher")
+    header = ["l"] + [f"{t}_{k}" for t in tags for k in keys]
+    lines = [",".join(header)] + [",".join([str(l + 1)] + [f"{curves[n][k][l].item():.6g}" for n in args.model for k in range(5)])
                                   for l in range(args.max_new_tokens)]
     (out / "exposure.csv").write_text("\n".join(lines) + "\n")
-    plot_lines(out / "exposure_bias.png", {t: curves[n][2].tolist() for t, n in zip(tags, args.model)}, "generation length l",
-               "ExAccErr(l) (%)", f"Exposure bias: excess accumulated error, {Path(args.teacher).name} as the oracle")
+    n_min = MIN_RUNNING * len(examples) * args.samples
+    plot_exposure(out / "exposure_bias.png", {t: curves[n] for t, n in zip(tags, args.model)}, n_min,
+                  f"Exposure bias, {Path(args.teacher).name} as the oracle (drawn while >= {MIN_RUNNING:.0%} of the samples run)")
     print(f"wrote {out / 'exposure.csv'} and {out / 'exposure_bias.png'}")
     return curves
 
 
-def plot_lines(png, series, xlabel, ylabel, title):
-    """One curve per name, x = 1..len (matplotlib optional)."""
+def plot_exposure(png, curves, n_min, title):
+    """Left: ExAccErr(l), the paper's figure. Right: what it compares, R(l) (solid) against l·ε(l) (dashed).
+    Positions where fewer than n_min samples still run are not drawn (matplotlib optional)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for name, ys in series.items():
-        ax.plot(range(1, len(ys) + 1), ys, label=name)
-    ax.set(xlabel=xlabel, ylabel=ylabel)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, (R, eps, err, n_s, n_t) in curves.items():
+        keep = (torch.minimum(n_s, n_t) >= n_min).tolist()
+        ls = [l + 1 for l, k in enumerate(keep) if k]
+        line, = a.plot(ls, [err[l - 1].item() for l in ls], label=name)
+        b.plot(ls, [R[l - 1].item() for l in ls], color=line.get_color(), label=f"{name}: R(l)")
+        b.plot(ls, [l * eps[l - 1].item() for l in ls], color=line.get_color(), ls="--", label=f"{name}: l·ε(l)")
+    a.set(xlabel="generation length l", ylabel="ExAccErr(l) (%)")
+    b.set(xlabel="generation length l", ylabel="accumulated KL(p‖q_θ)")
+    a.legend(fontsize=8)
+    b.legend(fontsize=7, ncol=2)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
@@ -671,7 +687,14 @@ def local_judge(name, args, dtype, temperature, max_tokens, seed):
             texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages_list]
         else:
             texts = ["\n\n".join(x["content"] for x in m) + "\n\n" for m in messages_list]
-        prompts = [tok(t, add_special_tokens=False)["input_ids"][-(limit - max_tokens):] for t in texts]
+        keep = limit - max_tokens
+        if keep < 1:
+            die(f"--judge-max-tokens {max_tokens} leaves no room for the prompt in the judge's {limit} positions")
+        prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        if any(len(x) > keep for x in prompts):
+            print(f"judge: {sum(len(x) > keep for x in prompts)} of {len(prompts)} prompts cut to their last {keep} tokens "
+                  "(the judge's context)")
+        prompts = [x[-keep:] for x in prompts]
         out = []
         for i in range(0, len(prompts), args.batch_size):
             ids, attn = (x.to(args.device) for x in collate_prompts(prompts[i:i + args.batch_size], tok.pad_token_id))

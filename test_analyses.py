@@ -101,10 +101,12 @@ def test_exposure_of_the_teacher_against_itself_is_zero(saved, tmp_path):
     E.main(["--analysis", "exposure", "--model", t, "--teacher", t, "--data", str(saved / "test.jsonl"), "--samples", "2",
             "--max-new-tokens", "5", "--seeds", "10", "--out", str(tmp_path), "--device", "cpu"])
     lines = (tmp_path / "exposure.csv").read_text().splitlines()
-    assert len(lines) == 1 + 5 and lines[0].endswith("_R,teacher_eps,teacher_exaccerr")
+    assert lines[0] == "l,teacher_R,teacher_eps,teacher_exaccerr,teacher_running_student,teacher_running_teacher"
+    assert len(lines) == 1 + 5
     for line in lines[1:]:
-        _, R, eps, err = line.split(",")
+        _, R, eps, err, n_s, n_t = line.split(",")
         assert abs(float(R)) < 1e-6 and abs(float(eps)) < 1e-6  # q_θ = p: no error on any prefix
+        assert 0 <= float(n_s) <= 4 * 2 and 0 <= float(n_t) <= 4 * 2  # 4 prompts x 2 samples
     assert (tmp_path / "exposure_bias.png").exists()
 
 
@@ -258,6 +260,10 @@ def test_a_local_judge_that_writes_garbage_is_counted_not_dropped(saved, tmp_pat
                   "--data", str(saved / "test.jsonl"), "--seeds", "10", "--max-new-tokens", "3", "--out", str(tmp_path),
                   "--device", "cpu"])[m]["test"]
     assert (res["rated"], res["failed"], res["score"]) == (4, 4, None)
+    with pytest.raises(SystemExit) as e:  # no room left for the prompt in the judge's 128 positions
+        E.main(["--analysis", "judge", "--judge", str(saved / "teacher"), "--judge-max-tokens", "128", "--model", m,
+                "--data", str(saved / "test.jsonl"), "--seeds", "10", "--max-new-tokens", "3", "--out", str(tmp_path)])
+    assert e.value.code == 2
 
 
 def test_ece_hub_sets_map_to_the_papers_prompts(monkeypatch):
