@@ -623,6 +623,12 @@ JUDGE_TEMPLATE = ("[Question]\n{question}\n\n[The Start of Assistant 1's Answer]
                   "ensuring that the order in which the responses were presented does not affect your judgment.\n\n")
 
 
+def judge_question(record):
+    """The user's question as the judge sees it: the instruction and its input, without the training template."""
+    q = record.get("instruction", record.get("prompt", ""))
+    return f"{q}\n\n{record['input']}" if record.get("input") else q
+
+
 def judge_messages(question, reference, answer):
     return [{"role": "system", "content": JUDGE_SYSTEM},
             {"role": "user", "content": JUDGE_TEMPLATE.format(question=question, answer_1=reference, answer_2=answer)}]
@@ -722,8 +728,7 @@ def run_judge(args, dtype):
             per_seed = {}
             for seed in args.seeds:
                 outputs = generate(model, tok, examples, seed, args, dtype, desc=f"{data_name} seed {seed}")
-                questions = [(lambda r: r.get("instruction", r.get("prompt", "")) + (f"\n\n{r['input']}" if r.get("input") else ""))(
-                    records[ex["idx"]]) for ex in examples]
+                questions = [judge_question(records[ex["idx"]]) for ex in examples]
                 replies = ask([judge_messages(q, ex["references"][0], text)
                                for q, ex, (text, _) in zip(questions, examples, outputs)])
                 ratings = [parse_scores(t) for t in replies]
