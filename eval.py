@@ -22,6 +22,11 @@ Two of the paper's analyses come with every run (NOTES §8), in results.json and
     reported with the LM loss of the gold responses (token mean per example, then mean over examples)
     and the mean response length in model tokens (EOS excluded).
 
+The paper's other analyses are one command each (--analysis; NOTES §8; README: the paper's other analyses):
+    python eval.py --analysis exposure --teacher out/teacher-sft --model out/student-sft out/minillm  # ExAccErr(l)
+    python eval.py --analysis ece --model out/student-sft out/minillm --data sst2                    # calibration (ECE)
+    python eval.py --analysis judge --judge-url http://127.0.0.1:8000/v1 --model out/minillm          # judge score
+
 Deliberate simplifications, stated up front:
   * Our own sampling loop (minillm.sample_model: KV cache, left padding, position ids) instead of `model.generate`: a
     checkpoint's generation_config.json (repetition penalty, min length, ...) can never slip in, and each
