@@ -70,6 +70,30 @@ def demo_example(rng):
     return dict(instruction=f"What is the opposite of {word}?", input="", output=out, refs=[out])
 
 
+def demo_classification(rng, n):
+    """Two-choice questions of the demo world for `eval.py --analysis ece`: the right first word of the answer against
+    a wrong one, in random order (label = the index of the right one). Easy families (a color, an animal, where to
+    start counting) and a hard one (opposites, which the tiny demo models barely learn): a range of confidences."""
+    pairs = {**OPPOSITES, **{v: k for k, v in OPPOSITES.items()}}
+    rows = []
+    for _ in range(n):
+        family = rng.choice(["color", "animals", "count", "opposite"])
+        if family == "color":
+            instruction, right, wrong = "Name a color.", rng.choice(COLORS), rng.choice(ANIMALS)
+        elif family == "animals":
+            instruction, right, wrong = "Name two animals.", rng.choice(ANIMALS), rng.choice(COLORS)
+        elif family == "count":
+            lo, hi = rng.randint(0, 5), rng.randint(3, 5)
+            instruction, right, wrong = f"Count from {lo} to {lo + hi - 1}.", str(lo), str(lo + 1)
+        else:
+            word = rng.choice(sorted(pairs))
+            instruction, right = f"What is the opposite of {word}?", pairs[word]
+            wrong = rng.choice([w for w in sorted(pairs) if w not in (word, right)])
+        choices = rng.sample([right, wrong], 2)
+        rows.append(dict(instruction=instruction, input="", choices=choices, label=choices.index(right)))
+    return rows
+
+
 def demo_tokenizer(texts):
     """A word-level tokenizer over the demo's words (offline, tiny vocabulary, exact round trips)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -93,6 +117,7 @@ def prepare_demo(args):
     write = lambda path, rows: Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))  # noqa: E731
     write(root / "data.jsonl", recs["val"] + recs["train"])  # the first --val-size records are validation
     write(root / "test.jsonl", [dict(r, output=r["refs"]) for r in recs["test"]])  # every correct answer is a reference
+    write(root / "classify.jsonl", demo_classification(random.Random(args.seed + 1), 200))  # for eval.py --analysis ece
     # The demo's pre-training corpus: plain sentences of the same world, without the template. As GPT-2 was
     # pre-trained on WebText before SFT, both demo models are pre-trained on it (packed chunks, the same stream
     # L_PT reads) before their SFT; L_PT then keeps the student close to text it already knows, as in the paper.

@@ -22,6 +22,11 @@ Two of the paper's analyses come with every run (NOTES §8), in results.json and
     reported with the LM loss of the gold responses (token mean per example, then mean over examples)
     and the mean response length in model tokens (EOS excluded).
 
+The paper's other analyses are one command each (--analysis; NOTES §8; README: the paper's other analyses):
+    python eval.py --analysis exposure --teacher out/teacher-sft --model out/student-sft out/minillm  # ExAccErr(l)
+    python eval.py --analysis ece --model out/student-sft out/minillm --data sst2                    # calibration (ECE)
+    python eval.py --analysis judge --judge-url http://127.0.0.1:8000/v1 --model out/minillm          # judge score
+
 Deliberate simplifications, stated up front:
   * Our own sampling loop (minillm.sample_model: KV cache, left padding, position ids) instead of `model.generate`: a
     checkpoint's generation_config.json (repetition penalty, min length, ...) can never slip in, and each
@@ -50,7 +55,7 @@ import torch.nn.functional as F
 
 from minillm import (autocast, check_device, collate_prompts, collate_sft, decode_response, die, forward,
                      load_config, load_model, load_records, load_tokenizer, prompt_text, resolve_dtype, sample_model,
-                     set_seed, tokenize_example)
+                     set_seed, text_start, tokenize_example)
 
 # ----------------------------------------------------------------------------------------------------
 # The official test sets (NOTES §5). Hub repositories of raw files; the official evaluation reads
@@ -76,8 +81,8 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to evaluate")
     g.add_argument("--model", nargs="+", required=True, help="one or more models: hub names or local folders (with their tokenizer)")
-    g.add_argument("--data", nargs="+", default=["dolly"],
-                   help=f"test sets: {', '.join(TEST_SETS)}, all (the five), a local .jsonl with instruction/input/output "
+    g.add_argument("--data", nargs="+", default=None,
+                   help=f"test sets (default dolly; sst2 with --analysis ece): {', '.join(TEST_SETS)}, all (the five), a local .jsonl with instruction/input/output "
                         "(output: a string or a list of references) or a ready prompt, or HUB_REPO:FILE "
                         "(e.g. MiniLLM/sinst:6_10/valid.jsonl)")
     g.add_argument("--limit", type=int, default=0, help="keep the first N records of each test set (0 = all); for quick looks")
@@ -95,6 +100,18 @@ def build_parser():
     g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
 
+    g = p.add_argument_group("the paper's other analyses (NOTES §8; README: Analyses)")
+    g.add_argument("--analysis", choices=["exposure", "ece", "judge"],
+                   help="exposure: ExAccErr(l) of each --model against --teacher; ece: calibration of zero-shot classification "
+                        "(--data sst2, boolq or a .jsonl); judge: a judge model's score relative to the reference answers")
+    g.add_argument("--teacher", help="exposure: the teacher p, the oracle of ExAccErr")
+    g.add_argument("--samples", type=int, default=10, help="exposure: responses sampled per prompt (paper: 10), with the first seed")
+    g.add_argument("--judge", help="judge: a local Hugging Face (instruct) model as the judge")
+    g.add_argument("--judge-url", help="judge: an OpenAI-compatible endpoint instead, e.g. http://127.0.0.1:8000/v1 (vLLM, llama.cpp)")
+    g.add_argument("--judge-model", default="default", help="judge: the `model` field sent to --judge-url")
+    g.add_argument("--judge-temperature", type=float, default=0.7, help="judge: sampling temperature (paper: GPT-4 at 0.7)")
+    g.add_argument("--judge-max-tokens", type=int, default=128, help="judge: tokens the judge may write (the scores come first)")
+
     g = p.add_argument_group("system")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
@@ -104,6 +121,7 @@ def build_parser():
 def parse_args(argv=None):
     """Bad input stops here with one line and exit status 2 (minillm.die), as minillm.py: nothing is loaded yet."""
     args = build_parser().parse_args(argv)
+    args.data = args.data or (["sst2"] if args.analysis == "ece" else ["dolly"])
     if not args.temperature > 0:
         die(f"--temperature must be > 0 (use --greedy for argmax decoding), got {args.temperature}")
     for name in ["max_new_tokens", "max_prompt_len", "batch_size"]:
@@ -389,11 +407,400 @@ def results_tables(results, models, data_names):
 
 
 # ----------------------------------------------------------------------------------------------------
+# The paper's other analyses (NOTES §8), one command each: --analysis exposure | ece | judge.
+
+def response_mask(tokens, eos_id):
+    """(B, N) 1 up to and including the first EOS: the positions a sampled response really has."""
+    before = torch.cumsum((tokens == eos_id).long(), 1) - (tokens == eos_id).long()  # EOSs strictly before t
+    return (before == 0).float()
+
+
+@torch.no_grad()
+def kl_teacher_student(teacher, student, prompt_ids, prompt_mask, tokens, mask, dtype):
+    """KL(p(·|y<t,x) ‖ q_θ(·|y<t,x)) over the full vocabulary at every response position, (B, N), 0 on padding."""
+    from minillm import forward_kl, student_response_logits
+    mb = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "tokens": tokens, "mask": mask}
+    zq, zp = student_response_logits(student, mb, dtype), student_response_logits(teacher, mb, dtype)
+    return forward_kl(zq, zp) * mask  # forward_kl(student, teacher) = Σ_v p(v)[log p(v) - log q(v)]
+
+
+def exposure_curves(kl_student, mask_student, kl_teacher, mask_teacher, w_student=None, w_teacher=None):
+    """ExAccErr(l) for l = 1..N (NOTES §8), from KL(p‖q_θ) at each position of sampled responses: (B, N) on the
+    student's own samples, (B', N) on the teacher's. E over prefixes at step t = the mean over the samples still
+    running at t, as the official script (0 when none is); weights w (B,) make it an exact expectation when every
+    response is enumerated with its probability.
+        R(l) = Σ_{t≤l} E_{y<t~q_θ} KL_t,   ε(l) = (1/l) Σ_{t≤l} E_{y<t~p} KL_t,   ExAccErr(l) = 100·(R(l) - l·ε(l)) / (l·ε(l))
+    Returns R, ε, ExAccErr as (N,) float64 tensors (ExAccErr is NaN where ε = 0: no error to accumulate)."""
+    def per_position(kl, mask, w):
+        w = torch.ones(kl.shape[0], dtype=torch.float64) if w is None else w.double()
+        live = (mask.double() * w[:, None]).sum(0)  # (N,) probability mass (or count) still running
+        return (kl.double() * mask.double() * w[:, None]).sum(0) / live.clamp_min(1e-300)
+    l = torch.arange(1, kl_student.shape[1] + 1, dtype=torch.float64)
+    R = per_position(kl_student, mask_student, w_student).cumsum(0)
+    eps = per_position(kl_teacher, mask_teacher, w_teacher).cumsum(0) / l
+    err = torch.where(eps > 0, 100 * (R - l * eps) / (l * eps), torch.full_like(eps, float("nan")))
+    return R, eps, err
+
+
+@torch.no_grad()
+def sample_and_score_kl(sampler, teacher, student, examples, n_samples, seed, args, dtype, eos_id, pad_id):
+    """n_samples responses per prompt from `sampler` -> (KL(p‖q_θ) (B, N), mask (B, N)), N = --max-new-tokens."""
+    generator = torch.Generator(device=args.device).manual_seed(seed)
+    prompts = [ex["prompt_ids"] for ex in examples for _ in range(n_samples)]
+    kls, masks = [], []
+    for i in range(0, len(prompts), args.batch_size):
+        ids, attn = (x.to(args.device) for x in collate_prompts(prompts[i:i + args.batch_size], pad_id))
+        tokens = sample_model(sampler, ids, attn, eos_id, pad_id, args.max_new_tokens, dtype=dtype, generator=generator)
+        mask = response_mask(tokens, eos_id)
+        kl = kl_teacher_student(teacher, student, ids, attn, tokens, mask, dtype)
+        pad = args.max_new_tokens - tokens.shape[1]  # sampling stops when every row has ended
+        kls.append(F.pad(kl.cpu(), (0, pad)))
+        masks.append(F.pad(mask.cpu(), (0, pad)))
+    return torch.cat(kls), torch.cat(masks)
+
+
+MIN_RUNNING = 0.01  # the figure stops where fewer than 1% of the samples still run (the CSV has every l, and the counts)
+
+
+def run_exposure(args, dtype):
+    """eval.py --analysis exposure: ExAccErr(l) of each --model against --teacher -> exposure.csv, exposure_bias.png."""
+    if not args.teacher:
+        die("--analysis exposure needs --teacher (the oracle p)")
+    tok = load_tokenizer(args.teacher, template=args.template)
+    teacher = load_model(args.teacher, args.device, dtype, vocab_size=len(tok)).eval()
+    data_name, records = load_test_set(expand_data(args.data)[0], args.limit)
+    examples = prepare(tok, records, args.max_prompt_len, args.max_new_tokens, name=data_name, template=args.template)
+    check_context(teacher, examples, args.max_new_tokens)
+    curves = {}
+    for name in args.model:
+        student = load_model(name, args.device, dtype, vocab_size=len(tok)).eval()
+        kl_s, m_s = sample_and_score_kl(student, teacher, student, examples, args.samples, args.seeds[0], args, dtype,
+                                        tok.eos_token_id, tok.pad_token_id)
+        kl_t, m_t = sample_and_score_kl(teacher, teacher, student, examples, args.samples, args.seeds[0], args, dtype,
+                                        tok.eos_token_id, tok.pad_token_id)
+        # The samples still running at each position: past the typical length the means rest on a few samples.
+        curves[name] = (*exposure_curves(kl_s, m_s, kl_t, m_t), m_s.sum(0), m_t.sum(0))
+        R, eps, err, n_s, n_t = curves[name]
+        n_min = MIN_RUNNING * len(m_s)
+        ok = int(((n_s >= n_min) & (n_t >= n_min)).sum())  # masks are prefixes: the first `ok` positions
+        print(f"{name}: ExAccErr({args.max_new_tokens}) = {err[-1]:.1f}%  R = {R[-1]:.3f}  l·ε = {args.max_new_tokens * eps[-1]:.3f}"
+              f"  | ExAccErr({ok}) = {err[ok - 1] if ok else float('nan'):.1f}% (the last l where >= {MIN_RUNNING:.0%} of the samples run)"
+              f"  | mean length {m_s.sum(1).mean():.1f} (student), {m_t.sum(1).mean():.1f} (teacher)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    short = [Path(n).name for n in args.model]
+    tags = short if len(set(short)) == len(short) else [safe_name(n) for n in args.model]  # column names
+    keys = ("R", "eps", "exaccerr", "running_student", "running_teacher")
+    header = ["l"] + [f"{t}_{k}" for t in tags for k in keys]
+    lines = [",".join(header)] + [",".join([str(l + 1)] + [f"{curves[n][k][l].item():.6g}" for n in args.model for k in range(5)])
+                                  for l in range(args.max_new_tokens)]
+    (out / "exposure.csv").write_text("\n".join(lines) + "\n")
+    n_min = MIN_RUNNING * len(examples) * args.samples
+    plot_exposure(out / "exposure_bias.png", {t: curves[n] for t, n in zip(tags, args.model)}, n_min,
+                  f"Exposure bias, {Path(args.teacher).name} as the oracle (drawn while >= {MIN_RUNNING:.0%} of the samples run)")
+    print(f"wrote {out / 'exposure.csv'} and {out / 'exposure_bias.png'}")
+    return curves
+
+
+def plot_exposure(png, curves, n_min, title):
+    """Left: ExAccErr(l), the paper's figure. Right: what it compares, R(l) (solid) against l·ε(l) (dashed).
+    Positions where fewer than n_min samples still run are not drawn (matplotlib optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, (R, eps, err, n_s, n_t) in curves.items():
+        keep = (torch.minimum(n_s, n_t) >= n_min).tolist()
+        ls = [l + 1 for l, k in enumerate(keep) if k]
+        line, = a.plot(ls, [err[l - 1].item() for l in ls], label=name)
+        b.plot(ls, [R[l - 1].item() for l in ls], color=line.get_color(), label=f"{name}: R(l)")
+        b.plot(ls, [l * eps[l - 1].item() for l in ls], color=line.get_color(), ls="--", label=f"{name}: l·ε(l)")
+    a.set(xlabel="generation length l", ylabel="ExAccErr(l) (%)")
+    b.set(xlabel="generation length l", ylabel="accumulated KL(p‖q_θ)")
+    a.legend(fontsize=8)
+    b.legend(fontsize=7, ncol=2)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+# Calibration (NOTES §8): zero-shot classification with the paper's two prompts; the input goes in the Input field.
+SST2_PROMPT = "Determine the sentiment of the input sentence. Please respond as positive or negative."
+BOOLQ_PROMPT = 'Read the input passage and answer the question: {question}? Your answer should be "Yes" or "No".'
+ECE_SETS = {"sst2": ("stanfordnlp/sst2", "validation"), "boolq": ("google/boolq", "validation")}  # hub, split
+ECE_BINS = 10  # equal-width confidence bins on [0, 1]: our choice, the paper gives none
+
+
+def ece(confidence, correct, n_bins=ECE_BINS):
+    """Expected calibration error = Σ_b |B_b|/n · |accuracy(B_b) - mean confidence(B_b)|, B_b = the predictions
+    whose confidence lies in [b/n_bins, (b+1)/n_bins) (the last bin includes 1). Also returns the bins for a plot."""
+    bins = [[] for _ in range(n_bins)]
+    for c, ok in zip(confidence, correct):
+        bins[min(int(c * n_bins), n_bins - 1)].append((c, float(ok)))
+    n = len(confidence)
+    rows = [(len(b), statistics.fmean(c for c, _ in b), statistics.fmean(o for _, o in b)) if b else (0, None, None)
+            for b in bins]
+    return sum(k / n * abs(acc - conf) for k, conf, acc in rows if k), rows
+
+
+def classification_record(r, where):
+    """A record -> (instruction, input, [word for label 0, word for label 1, ...], label). Accepted: SST-2's
+    sentence|text + label; BoolQ's passage + question + answer; or instruction (+ input) + choices + label."""
+    if "choices" in r and "instruction" in r:
+        return r["instruction"], r.get("input", ""), list(r["choices"]), int(r["label"])
+    if "passage" in r and "question" in r:
+        ans = r["answer"] if isinstance(r["answer"], bool) else str(r["answer"]).lower() in ("yes", "true", "1")
+        return BOOLQ_PROMPT.format(question=r["question"].rstrip("?")), r["passage"], ["No", "Yes"], int(ans)
+    text = r.get("sentence", r.get("text"))
+    if text is None or "label" not in r:
+        die(f"{where}: a record needs text/sentence + label, passage + question + answer, or instruction + choices + label")
+    return SST2_PROMPT, text, ["negative", "positive"], int(r["label"])
+
+
+def load_classification(spec, limit=0):
+    """sst2 | boolq (hub datasets, their validation split) | a local .jsonl -> list of classification records."""
+    if spec in ECE_SETS:
+        repo, split = ECE_SETS[spec]
+        try:
+            import datasets
+            rows = list(datasets.load_dataset(repo, split=split))
+        except Exception as e:  # offline, no such repo
+            die(f"could not load the hub dataset {repo} ({split}): {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+                "; pass a local .jsonl instead")
+    elif os.path.exists(spec):
+        rows = load_records(spec)
+    else:
+        die(f"unknown classification set {spec!r}: use sst2, boolq or a local .jsonl")
+    rows = rows[:limit] if limit > 0 else rows
+    return [classification_record(r, f"{spec} record {i}") for i, r in enumerate(rows)]
+
+
+@torch.no_grad()
+def label_probabilities(model, tok, records, args, dtype):
+    """p(first token of each label word | prompt) at the first response position -> list of (B, C) rows."""
+    out = []
+    for i in range(0, len(records), args.batch_size):
+        batch = records[i:i + args.batch_size]
+        words = [[tok(w, add_special_tokens=False)["input_ids"][0] for w in choices] for _, _, choices, _ in batch]
+        for (_, _, choices, _), ids in zip(batch, words):
+            if len(set(ids)) < len(ids):
+                die(f"the label words {choices} start with the same token for this tokenizer; give other choices")
+        start = [] if args.template == "chat" else text_start(tok)  # as training starts a text (BOS)
+        prompts = [start + tok(prompt_text(tok, dict(instruction=ins, input=inp), args.template),
+                               add_special_tokens=False)["input_ids"][-args.max_prompt_len:] for ins, inp, _, _ in batch]
+        ids, attn = (x.to(args.device) for x in collate_prompts(prompts, tok.pad_token_id))
+        with autocast(args.device, dtype):
+            probs = torch.softmax(forward(model, ids, attn, logits_to_keep=1)[:, -1].float(), -1)  # (B, V)
+        out += [probs[b, w].tolist() for b, w in enumerate(words)]
+    return out
+
+
+def run_ece(args, dtype):
+    """eval.py --analysis ece: ECE of zero-shot classification per model -> ece.json, calibration.png."""
+    name = expand_data(args.data)[0]
+    records = load_classification(name, args.limit)
+    results = {}
+    for model_name in args.model:
+        tok = load_tokenizer(model_name, template=args.template)
+        model = load_model(model_name, args.device, dtype, vocab_size=len(tok)).eval()
+        probs = label_probabilities(model, tok, records, args, dtype)
+        conf = [max(p) / sum(p) for p in probs]  # normalised over the label words
+        pred = [max(range(len(p)), key=p.__getitem__) for p in probs]
+        correct = [int(y == r[3]) for y, r in zip(pred, records)]
+        e, bins = ece(conf, correct)
+        results[model_name] = {"ece": e, "accuracy": statistics.fmean(correct), "confidence": statistics.fmean(conf),
+                               "label_mass": statistics.fmean(sum(p) for p in probs), "n": len(records), "bins": bins}
+    table = markdown_table(["model", f"ECE ({ECE_BINS} bins)", "accuracy", "mean confidence", "p(label words)"],
+                           [[m, f"{r['ece']:.3f}", f"{r['accuracy']:.3f}", f"{r['confidence']:.3f}", f"{r['label_mass']:.3f}"]
+                            for m, r in results.items()])
+    print(f"\n## Calibration on {name} ({len(records)} examples)\n\n{table}\n")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ece.json").write_text(json.dumps({"data": name, "bins": ECE_BINS, "results": results}, indent=1) + "\n")
+    plot_reliability(out / "calibration.png", results, Path(name).name)
+    print(f"wrote {out / 'ece.json'} and {out / 'calibration.png'}")
+    return results
+
+
+def plot_reliability(png, results, data_name):
+    """Reliability diagram: accuracy per confidence bin against the diagonal, one panel per model."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results), 3.3), squeeze=False)
+    for ax, (name, r) in zip(axes[0], results.items()):
+        edges = [b / ECE_BINS for b in range(ECE_BINS)]
+        ax.bar(edges, [acc or 0 for _, _, acc in r["bins"]], width=1 / ECE_BINS, align="edge", edgecolor="k", alpha=0.7)
+        ax.plot([0, 1], [0, 1], "k--", lw=1)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy")
+        ax.set_title(f"{Path(name).name}: ECE {r['ece']:.3f}", fontsize=9)
+    fig.suptitle(f"Calibration on {data_name}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+# The judge (NOTES §8, in place of GPT-4): the FastChat pairwise prompt; Assistant 1 = the reference answer,
+# Assistant 2 = the model's; score = 100·Σ s_model / Σ s_reference over the ratings that parse.
+JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
+JUDGE_TEMPLATE = ("[Question]\n{question}\n\n[The Start of Assistant 1's Answer]\n{answer_1}\n\n[The End of Assistant 1's Answer]"
+                  "\n\n[The Start of Assistant 2's Answer]\n{answer_2}\n\n[The End of Assistant 2's Answer]\n\n[System]\n"
+                  "We would like to request your feedback on the performance of two AI assistants in response to the user "
+                  "question displayed above.\nPlease rate the helpfulness, relevance, accuracy, level of details of their "
+                  "responses. Each assistant receives an overall score on a scale of 1 to 10, where a higher score indicates "
+                  "better overall performance.\nPlease first output a single line containing only two values indicating the "
+                  "scores for Assistant 1 and 2, respectively. The two scores are separated by a space. In the subsequent "
+                  "line, please provide a comprehensive explanation of your evaluation, avoiding any potential bias and "
+                  "ensuring that the order in which the responses were presented does not affect your judgment.\n\n")
+
+
+def judge_question(record):
+    """The user's question as the judge sees it: the instruction and its input, without the training template."""
+    q = record.get("instruction", record.get("prompt", ""))
+    return f"{q}\n\n{record['input']}" if record.get("input") else q
+
+
+def judge_messages(question, reference, answer):
+    return [{"role": "system", "content": JUDGE_SYSTEM},
+            {"role": "user", "content": JUDGE_TEMPLATE.format(question=question, answer_1=reference, answer_2=answer)}]
+
+
+def parse_scores(text):
+    """The judge's first non-empty line -> (reference score, model score), both in [0, 10]; None if it does not parse."""
+    line = next((s for s in text.strip().splitlines() if s.strip()), "")
+    m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*[ ,/]\s*(\d+(?:\.\d+)?)\s*$", line)
+    if not m:
+        return None
+    a, b = float(m.group(1)), float(m.group(2))
+    return (a, b) if 0 <= a <= 10 and 0 <= b <= 10 else None
+
+
+def judge_score(ratings):
+    """[(s_reference, s_model) or None] -> (100·Σ s_model / Σ s_reference, number parsed, number failed)."""
+    ok = [r for r in ratings if r is not None]
+    ref = sum(a for a, _ in ok)
+    return (100.0 * sum(b for _, b in ok) / ref if ref > 0 else None), len(ok), len(ratings) - len(ok)
+
+
+def url_judge(url, model, temperature, max_tokens, timeout=120):
+    """A judge behind any OpenAI-compatible chat endpoint (vLLM, llama.cpp, ...); standard library only.
+    The key, if the server needs one, comes from $JUDGE_API_KEY."""
+    import urllib.error
+    import urllib.request
+    endpoint = url.rstrip("/") if url.rstrip("/").endswith("/chat/completions") else url.rstrip("/") + "/chat/completions"
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get("JUDGE_API_KEY"):
+        headers["Authorization"] = f"Bearer {os.environ['JUDGE_API_KEY']}"
+
+    def ask(messages_list):
+        texts = []
+        for messages in messages_list:
+            body = json.dumps({"model": model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens})
+            req = urllib.request.Request(endpoint, data=body.encode(), headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=timeout) as resp:
+                    reply = json.loads(resp.read())
+                texts.append(reply["choices"][0]["message"]["content"] or "")
+            except urllib.error.HTTPError as e:
+                die(f"judge endpoint {endpoint}: HTTP {e.code} {e.reason}")
+            except urllib.error.URLError as e:
+                die(f"judge endpoint {endpoint} unreachable: {e.reason}")
+            except (ValueError, KeyError, IndexError, TypeError):  # not the OpenAI reply shape: a failed rating
+                texts.append("")
+        return texts
+    return ask
+
+
+def local_judge(name, args, dtype, temperature, max_tokens, seed):
+    """A local Hugging Face model as judge; its chat template when it has one. Prompts longer than its context keep
+    their end (the rating request); returns ask(list of messages) -> list of texts."""
+    tok = load_tokenizer(name)
+    model = load_model(name, args.device, dtype, vocab_size=len(tok)).eval()
+    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None) or 10**9
+    generator = torch.Generator(device=args.device).manual_seed(seed)
+
+    def ask(messages_list):
+        if getattr(tok, "chat_template", None):
+            texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages_list]
+        else:
+            texts = ["\n\n".join(x["content"] for x in m) + "\n\n" for m in messages_list]
+        keep = limit - max_tokens
+        if keep < 1:
+            die(f"--judge-max-tokens {max_tokens} leaves no room for the prompt in the judge's {limit} positions")
+        prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        if any(len(x) > keep for x in prompts):
+            print(f"judge: {sum(len(x) > keep for x in prompts)} of {len(prompts)} prompts cut to their last {keep} tokens "
+                  "(the judge's context)")
+        prompts = [x[-keep:] for x in prompts]
+        out = []
+        for i in range(0, len(prompts), args.batch_size):
+            ids, attn = (x.to(args.device) for x in collate_prompts(prompts[i:i + args.batch_size], tok.pad_token_id))
+            tokens = sample_model(model, ids, attn, tok.eos_token_id, tok.pad_token_id, max_tokens, temperature,
+                                  dtype=dtype, generator=generator)
+            out += [decode_response(tok, row)[0] for row in tokens.tolist()]
+        return out
+    return ask
+
+
+def run_judge(args, dtype):
+    """eval.py --analysis judge: the judge's relative score of each model's sampled answers -> judge.json."""
+    if bool(args.judge) == bool(args.judge_url):
+        die("--analysis judge needs exactly one of --judge MODEL and --judge-url URL")
+    ask = (url_judge(args.judge_url, args.judge_model, args.judge_temperature, args.judge_max_tokens) if args.judge_url
+           else local_judge(args.judge, args, dtype, args.judge_temperature, args.judge_max_tokens, args.seeds[0]))
+    test_sets = [load_test_set(s, args.limit) for s in expand_data(args.data)]
+    results, out = {}, Path(args.out)
+    for model_name in args.model:
+        tok = load_tokenizer(model_name, template=args.template)
+        model = load_model(model_name, args.device, dtype, vocab_size=len(tok)).eval()
+        results[model_name] = {}
+        for data_name, records in test_sets:
+            examples = prepare(tok, records, args.max_prompt_len, args.max_new_tokens, name=data_name, template=args.template)
+            per_seed = {}
+            for seed in args.seeds:
+                outputs = generate(model, tok, examples, seed, args, dtype, desc=f"{data_name} seed {seed}")
+                questions = [judge_question(records[ex["idx"]]) for ex in examples]
+                replies = ask([judge_messages(q, ex["references"][0], text)
+                               for q, ex, (text, _) in zip(questions, examples, outputs)])
+                ratings = [parse_scores(t) for t in replies]
+                score, n_ok, n_failed = judge_score(ratings)
+                per_seed[seed] = {"score": score, "parsed": n_ok, "failed": n_failed}
+                write_jsonl(out / "judge" / safe_name(model_name) / safe_name(data_name) / f"seed{seed}.jsonl",
+                            [{"idx": ex["idx"], "response": t, "judge": j, "rating": r}
+                             for ex, (t, _), j, r in zip(examples, outputs, replies, ratings)])
+                print(f"{model_name} | {data_name} | seed {seed} | judge score {fmt(score)} | "
+                      f"{n_ok} ratings parsed, {n_failed} failed to parse")
+            m, sd = mean_std([s["score"] for s in per_seed.values()])
+            results[model_name][data_name] = {"score": m, "std": sd, "per_seed": per_seed,
+                                              "failed": sum(s["failed"] for s in per_seed.values()),
+                                              "rated": sum(s["parsed"] + s["failed"] for s in per_seed.values())}
+    table = markdown_table(["model", "test set", "judge score (100 = the reference)", "unparsed ratings"],
+                           [[m, d, fmt(r["score"], r["std"], 1), f"{r['failed']} / {r['rated']}"]
+                            for m, rs in results.items() for d, r in rs.items()])
+    print(f"\n## Judge score ({args.judge or args.judge_url})\n\n{table}\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "judge.json").write_text(json.dumps({"judge": args.judge or args.judge_url, "results": results}, indent=1) + "\n")
+    return results
+
+
+ANALYSES = {"exposure": run_exposure, "ece": run_ece, "judge": run_judge}
+
+
+# ----------------------------------------------------------------------------------------------------
 # main
 
 def main(argv=None):
     args = parse_args(argv)
     dtype = resolve_dtype(args)
+    if args.analysis:
+        return ANALYSES[args.analysis](args, dtype)
     test_sets = [load_test_set(s, args.limit) for s in expand_data(args.data)]  # fail fast, before any model loads
     # Every model resolves (tokenizer, config) and every test set fits it before the first model is evaluated
     prepared = {}

@@ -553,7 +553,8 @@ def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_id, pad_id, m
 
     tokens, mask (first EOS included), logp_student / logp_teacher (at τ = 1: the distributions being
     distilled), logp_mix (the actual sampling distribution, after τ and top-k/p), w = q_θ/p~,
-    kl (full-vocabulary KL(q_θ||p) at each position), and teacher_logits (B, N, V): the teacher's log-probabilities
+    kl (full-vocabulary KL(q_θ||p) at each position), top1 (1 where both models' argmax agree: a diagnostic),
+    and teacher_logits (B, N, V): the teacher's log-probabilities
     log p(·|y_<t) (normalised logits), in store_dtype(dtype). They are written in place into `teacher_out`, a
     (B, max_new_tokens, V) slice of the collection's buffer, when given (on `logits_device`: pinned CPU memory
     for --teacher-logits offload, copied without blocking).
@@ -563,7 +564,7 @@ def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_id, pad_id, m
     cache_s, cache_t = new_cache(student), new_cache(teacher)
     attn = prompt_mask
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    rec = {k: [] for k in ["tokens", "mask", "logp_student", "logp_teacher", "logp_mix", "kl"]}
+    rec = {k: [] for k in ["tokens", "mask", "logp_student", "logp_teacher", "logp_mix", "kl", "top1"]}
     plain = temperature == 1.0 and top_k == 0 and top_p == 1.0  # then p~ is exactly the mixture of q and p
     # One autocast region for the whole loop: autocast caches the bf16 copies of the student's fp32 weights for
     # as long as the region lasts, so they are cast once per rollout batch, not once per token.
@@ -592,6 +593,7 @@ def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_id, pad_id, m
             rec["logp_teacher"].append(lp_y)
             rec["logp_mix"].append(mixture_logprobs(lq_y, lp_y, alpha) if plain else mix.gather(-1, y[:, None]).squeeze(-1).log())
             rec["kl"].append((q * (logq - logp)).sum(-1))
+            rec["top1"].append((zs.argmax(-1) == zt.argmax(-1)).float())  # a diagnostic: do both models agree here?
             if keep_teacher_logits:  # clamped so that fp16 holds it (-inf would make 0·inf = NaN in a KL)
                 teacher_out[:, t].copy_(logp.clamp(min=-1e4), non_blocking=True)
             done = done | (y == eos_id)
@@ -602,7 +604,7 @@ def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_id, pad_id, m
             zt = forward(teacher, y[:, None], attn, cache_t)[:, -1].float()
     out = {k: torch.stack(v, dim=1) for k, v in rec.items()}
     m = out["mask"]
-    for k in ["logp_student", "logp_teacher", "logp_mix", "kl"]:
+    for k in ["logp_student", "logp_teacher", "logp_mix", "kl", "top1"]:
         out[k] = out[k] * m
     out["w"] = importance_weights(out["logp_student"], out["logp_mix"]) * m
     if keep_teacher_logits:
@@ -876,11 +878,53 @@ def collect_rollouts(student, teacher, prompts, args, eos_id, pad_id, dtype, gen
     return buf
 
 
-def rollout_stats(buf, seconds):
-    """Per-token means of a collection over every rank's rollouts (for the log only)."""
+# On-policy distillation can lower the reverse KL while the samples degenerate: answers that never end, loops,
+# a few strings the teacher rates highly (the paper's "reward hacking"). These counts show it per collection.
+WARN_NO_EOS = 0.5    # warn when more than half the responses hit --max-new-tokens without EOS ...
+WARN_REPEAT = 0.2    # ... or more than a fifth of the 4-grams repeat one earlier in the same response ...
+WARN_PATIENCE = 3    # ... for this many collections in a row
+
+
+def rollout_diagnostics(tokens, mask, eos_id, top1=None, n=4):
+    """Sums over a collection (so that ranks can add them) that reveal degenerate samples:
+    rows; no_eos = rows that end without EOS (they hit --max-new-tokens); grams = n-grams inside responses (EOS
+    excluded), repeated = those equal to an earlier n-gram of the same response; distinct = distinct responses;
+    agree = positions where the student's and the teacher's argmax agree (top1: (B, N) 0/1, masked)."""
+    ended = ((tokens == eos_id) & mask.bool()).any(1)  # (B,)
+    grams = repeated = 0
+    responses = set()
+    for row, m in zip(tokens.tolist(), mask.sum(1).long().tolist()):
+        ids = [t for t in row[:m] if t != eos_id]
+        seen = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+        grams, repeated = grams + len(seen), repeated + len(seen) - len(set(seen))
+        responses.add(tuple(row[:m]))
+    return {"rows": tokens.shape[0], "no_eos": int((~ended).sum()), "grams": grams, "repeated": repeated,
+            "distinct": len(responses), "agree": float(top1.sum()) if top1 is not None else float("nan")}
+
+
+def degeneration_warning(recent):
+    """A warning line when every one of the last WARN_PATIENCE collections (rollout_stats dicts) passes a threshold."""
+    if len(recent) < WARN_PATIENCE:
+        return None
+    if all(r["no_eos"] > WARN_NO_EOS for r in recent):
+        return (f"warning: {recent[-1]['no_eos']:.0%} of the responses hit --max-new-tokens without EOS for "
+                f"{WARN_PATIENCE} collections (README: training diagnostics)")
+    if all(r["rep4"] > WARN_REPEAT for r in recent):
+        return (f"warning: {recent[-1]['rep4']:.0%} of the 4-grams repeat within a response for "
+                f"{WARN_PATIENCE} collections (README: training diagnostics)")
+    return None
+
+
+def rollout_stats(buf, seconds, eos_id):
+    """Per-token means of a collection over every rank's rollouts (for the log only), and the diagnostics:
+    no_eos, rep4 (repeated 4-grams / 4-grams), distinct (distinct responses / responses; under DDP counted within
+    each rank's share), top1 (student-teacher argmax agreement per sampled position)."""
     n, rows = all_sum(buf["mask"].sum()), all_sum(buf["mask"].shape[0])
+    d = {k: all_sum(v) for k, v in rollout_diagnostics(buf["tokens"], buf["mask"], eos_id, buf.get("top1")).items()}
     return {"rkl": all_sum(buf["kl"].sum()) / n, "w_mean": all_sum(buf["w"].sum()) / n, "w_max": all_max(buf["w"].max()),
-            "len": n / rows, "reward": all_sum(buf["rewards"].sum()) / n, "sample_tok_s": n / seconds}
+            "len": n / rows, "reward": all_sum(buf["rewards"].sum()) / n, "sample_tok_s": n / seconds,
+            "no_eos": d["no_eos"] / rows, "rep4": d["repeated"] / max(1, d["grams"]), "distinct": d["distinct"] / rows,
+            "top1": d["agree"] / n}
 
 
 def minillm_backward(model, mb, args, dtype, sync=True, teacher_logits=None, teacher=None):
@@ -936,7 +980,7 @@ def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None
     logger = Logger(log_path, keep=log_lines)
     store = teacher_store(args, min(args.rollouts, len(prompts)) // world(), n_logits(teacher), dtype)  # once, reused
     queue = []  # minibatch index lists still to train on for the current collection
-    buf, step, saved = None, start, start
+    buf, step, saved, recent = None, start, start, []  # recent: the last collections' stats, for the warning
     for step in range(start + 1, args.steps + 1):
         t0 = time.time()
         # ---- collect: --rollouts samples from p~, reused for --ppo-epochs epochs ----
@@ -948,7 +992,11 @@ def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None
             with gathered(student, not args.fsdp_sample_sharded):  # FSDP: all-gathered once, not at every token
                 buf = collect_rollouts(student, teacher, batch_prompts[rank()::world()], args, tok.eos_token_id,
                                        tok.pad_token_id, dtype, gen, store)
-            roll_stats = rollout_stats(buf, time.time() - t_s)
+            roll_stats = rollout_stats(buf, time.time() - t_s, tok.eos_token_id)
+            recent = recent[-(WARN_PATIENCE - 1):] + [roll_stats]
+            warning = degeneration_warning(recent)
+            if warning and is_main():
+                print(warning, flush=True)
             n, b = buf["tokens"].shape[0], args.batch_size // world()
             for _ in range(args.ppo_epochs):
                 perm = order_rng.sample(range(n), n)
@@ -981,7 +1029,8 @@ def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None
         logger.log(**row)
         if step % args.log_interval == 0 or step == args.steps:
             print(f"step {step:5d}/{args.steps} | rkl {row['rkl']:.4f} | w {row['w_mean']:.3f}/{row['w_max']:.2f} "
-                  f"| clip {row['clip_frac']:.3f} | len {row['len']:.1f} | long {row['loss_long']:+.4f} "
+                  f"| clip {row['clip_frac']:.3f} | len {row['len']:.1f} | no-eos {row['no_eos']:.2f} | rep4 {row['rep4']:.2f} "
+                  f"| distinct {row['distinct']:.2f} | top1 {row['top1']:.2f} | long {row['loss_long']:+.4f} "
                   f"| single {row['loss_single']:.4f} | pt {row.get('loss_pt', 0.0):.4f} | lr {lr:.2e} "
                   f"| {ms:.0f} ms | {row['tok_s']:.0f} tok/s | sample {row['sample_tok_s']:.0f} tok/s", flush=True)
         if not queue and args.save_interval and step - saved >= args.save_interval:  # a collection boundary
@@ -992,6 +1041,7 @@ def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None
     save_checkpoint(student, tok, out_dir)
     if is_main():
         plot_curve(log_path, "rkl", Path(out_dir) / "reverse_kl.png", "MiniLLM: reverse KL(q_θ||p) per token on the rollouts")
+        plot_diagnostics(log_path, Path(out_dir) / "diagnostics.png")
     mark_done(out_dir, steps=step)
     barrier()  # the other ranks wait for rank 0's files
 
@@ -1450,6 +1500,35 @@ def plot_curve(log_path, key, png_path, title):
     ax.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+
+
+DIAGNOSTICS = [("rkl", "reverse KL(q_θ||p) per token"), ("len", "mean response length"),
+               ("no_eos", "share without EOS (hit the limit)"), ("rep4", "repeated 4-grams within a response"),
+               ("distinct", "distinct responses / responses"), ("top1", "student-teacher top-1 agreement")]
+
+
+def plot_diagnostics(log_path, png_path):
+    """One panel per training diagnostic of the distillation log (each value holds for a whole collection)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(line) for line in open(log_path)]
+    fig, axes = plt.subplots(2, 3, figsize=(11, 5.5))
+    for ax, (key, title) in zip(axes.flat, DIAGNOSTICS):
+        ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r])
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        if key in ("no_eos", "rep4", "distinct", "top1"):  # shares: on [0, 1], the warning threshold dashed
+            ax.set_ylim(-0.02, 1.02)
+        if key in ("no_eos", "rep4"):
+            ax.axhline(WARN_NO_EOS if key == "no_eos" else WARN_REPEAT, color="r", ls="--", lw=0.8)
+    fig.suptitle("MiniLLM training diagnostics (per collection of rollouts; dashed: the warning thresholds)")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
     plt.close(fig)
 
 
