@@ -470,7 +470,7 @@ def run_exposure(args, dtype):
     teacher = load_model(args.teacher, args.device, dtype, vocab_size=len(tok)).eval()
     data_name, records = load_test_set(expand_data(args.data)[0], args.limit)
     examples = prepare(tok, records, args.max_prompt_len, args.max_new_tokens, name=data_name, template=args.template)
-    check_context(teacher, examples, args.max_new_tokens)
+    check_context(teacher.config, examples, args.max_new_tokens, args.teacher)
     curves = {}
     for name in args.model:
         student = load_model(name, args.device, dtype, vocab_size=len(tok)).eval()
