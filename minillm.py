@@ -18,8 +18,10 @@ Rerunning the same command resumes the unfinished stage from OUT/stage/ckpt/ (--
 add --fsdp when the student's training state does not fit one device (FSDP2: weights, gradients and AdamW
 state sharded per transformer block; --fsdp-teacher shards the teacher too).
 
-Reading order: arguments -> the math (pure functions of tensors) -> data -> models -> teacher-mixed
-sampling -> SFT -> the distillation loop -> main.
+Reading order: arguments -> THE METHOD (the math as pure functions of tensors -> data and prompts -> forward
+passes -> teacher-mixed sampling -> the loss -> SFT -> the distillation loop) -> the baselines -> main ->
+PLUMBING (helpers of the method, loading, logging, checkpoints and resume, DDP and FSDP2), which a first
+reader can skip. The demo lives in demo.py, the evaluation in eval.py; neither is imported here.
 
 Deliberate simplifications, stated up front:
   * One device per process (CUDA bf16 or CPU fp32), plain DDP across processes (every rank holds the
@@ -29,6 +31,9 @@ Deliberate simplifications, stated up front:
     reused for the rewards and the single-step term (the official code re-runs the teacher 3+ times).
   * Advantages (and their whitening, lmops recipe only) are computed once per collection of rollouts,
     over response tokens only; the official code whitens per minibatch and includes padding.
+  * bf16 must not change the algorithm: LM heads return fp32 logits, and log q_old is recomputed once per
+    collection with the loss's own forward, so the PPO ratio starts at exactly w_t (the official code uses fp16
+    and recomputes log q_old too).
 """
 
 import argparse
@@ -214,7 +219,7 @@ def parse_args(argv=None, defaults=None, parser=None):
     return args
 
 
-# ==================================== THE METHOD, lines A-B ====================================
+# =============================================== THE METHOD ===============================================
 # From the first equation to the distillation loop: everything MiniLLM is, in reading order.
 
 # ----------------------------------------------------------------------------------------------------
@@ -384,82 +389,9 @@ def tokenize_example(tok, rec, max_prompt_len, max_len, template="alpaca"):
     return prompt_ids, response_ids
 
 
-def tokenize_dataset(tok, records, max_prompt_len, max_len, name="data", template="alpaca"):
-    out = [tokenize_example(tok, r, max_prompt_len, max_len, template) for r in records]
-    kept = [x for x in out if x is not None]
-    print(f"{name}: {len(kept)} examples, {len(out) - len(kept)} dropped (prompt > {max_prompt_len} tokens)")
-    if not kept:
-        die(f"{name}: no examples left: all {len(out)} prompts are longer than --max-prompt-len {max_prompt_len} tokens; "
-            "raise --max-prompt-len or check the data")
-    return kept
-
-
-def collate_sft(examples, pad_id):
-    """Right-padded (input_ids, attention_mask, labels); labels are -100 on the prompt and padding,
-    so only response tokens and the EOS are targets."""
-    L = max(len(p) + len(r) for p, r in examples)
-    ids = torch.full((len(examples), L), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(examples), L), dtype=torch.long)
-    labels = torch.full((len(examples), L), -100, dtype=torch.long)
-    for i, (p, r) in enumerate(examples):
-        n = len(p) + len(r)
-        ids[i, :n] = torch.tensor(p + r)
-        attn[i, :n] = 1
-        labels[i, len(p):n] = torch.tensor(r)
-    return ids, attn, labels
-
-
-def collate_prompts(prompts, pad_id):
-    """Left-padded prompts, so every sequence's next token is generated at the same column."""
-    P = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(prompts), P), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p)
-        attn[i, P - len(p):] = 1
-    return ids, attn
-
-
-def pt_chunks(spec, tok, seq_len, seed=0):
-    """Endless stream of seq_len-token chunks of the pre-training corpus (documents joined by EOS, each one
-    starting as the tokenizer starts a text).
-    Hub datasets are streamed, so OpenWebText is never downloaded whole."""
-    if os.path.exists(spec):
-        if spec.endswith(".jsonl"):
-            texts = [r["text"] for r in load_records(spec, required=("text",))]
-        else:
-            texts = [t for t in read_text(spec, "pre-training corpus").split("\n\n") if t.strip()]
-        source = lambda: iter(texts)  # noqa: E731
-    else:
-        import datasets
-        source = lambda: (r["text"] for r in datasets.load_dataset(spec, split="train", streaming=True).shuffle(seed=seed))  # noqa: E731
-    buf, start = [], text_start(tok)
-    while True:
-        n_docs = 0
-        for text in source():
-            n_docs += 1
-            buf += start + tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            while len(buf) >= seq_len:
-                yield torch.tensor(buf[:seq_len])
-                buf = buf[seq_len:]
-        if n_docs == 0:
-            die(f"pre-training corpus {spec} is empty; give a non-empty --pt-data, or --pt-data none")
-
-
 # ----------------------------------------------------------------------------------------------------
-# Forward passes: fp32 logits over the shared vocabulary, position ids that respect left padding, bf16
-# autocast, an optional KV cache.
-
-def autocast(device, dtype):
-    if dtype == torch.bfloat16:
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def n_logits(model):
-    """The number of logits the model returns: its shared vocabulary once fp32_head has sliced it."""
-    head = model.get_output_embeddings()
-    return getattr(head, "n_out", head.weight.shape[0])
+# Forward passes: fp32 logits over the shared vocabulary, position ids that respect left padding, an optional
+# KV cache (autocast and new_cache are with the helpers, in the plumbing).
 
 
 def fp32_head(model, vocab_size=None):
@@ -487,16 +419,6 @@ def position_ids_from(attention_mask):
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def new_cache(model):
-    """An empty KV cache laid out by the model's config: sliding-window layers (Gemma 2/3, Mistral) keep only
-    their window instead of the whole sequence."""
-    from transformers import DynamicCache
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # an older transformers without config=
-        return DynamicCache()
-
-
 def forward(model, input_ids, attention_mask, cache=None, logits_to_keep=0):
     """One causal-LM forward with explicit position ids (left padding) and an optional KV cache.
     transformers renamed `past_key_values` to `cache` in 5.2x; we pass whichever the model takes. Without a cache,
@@ -517,32 +439,6 @@ def forward(model, input_ids, attention_mask, cache=None, logits_to_keep=0):
 # Teacher-mixed sampling. Both models decode token by token with their own KV cache; the token is drawn
 # from p~ = α·p + (1-α)·q_θ. Every log-probability the loss needs is recorded on the way, and the
 # teacher's logits are kept, so the teacher never runs again on these rollouts.
-
-def filter_probs(probs, top_k=0, top_p=1.0):
-    """Top-k / nucleus filtering of a (B, V) distribution, renormalised."""
-    if top_k > 0:
-        kth = probs.topk(top_k, dim=-1).values[:, -1:]
-        probs = probs * (probs >= kth)
-    if top_p < 1.0:
-        sorted_p, idx = probs.sort(dim=-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # keep tokens until the mass before them reaches top_p
-        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p * keep)
-    return probs / probs.sum(-1, keepdim=True)
-
-
-def draw(probs, generator=None):
-    """One token per row of a (B, V) distribution, by inverse CDF: one uniform per row, exact (float64 CDF, no
-    rounding bias). torch.multinomial draws V exponentials per row instead: ~10 ms per token at (8, 50257) on
-    one CPU core, a third of the sampling time of small models."""
-    cdf = probs.cumsum(-1, dtype=torch.float64)  # (B, V)
-    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)  # first v: cdf_v > u
-
-
-def store_dtype(dtype):
-    """What the rollout buffer keeps the teacher's log-probabilities in. fp32 runs: fp32. bf16 runs: fp16, at the
-    same memory as bf16 but with an 8x finer step (log-probabilities are <= 0 and bounded, so fp16's range is enough)."""
-    return torch.float16 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 @torch.no_grad()
@@ -616,28 +512,6 @@ def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_id, pad_id, m
 
 # ----------------------------------------------------------------------------------------------------
 # The loss on a rollout buffer: a collection of rollouts padded to common shapes, with rewards and advantages.
-
-def pad_to(x, length, dim, value=0, left=False):
-    n = length - x.shape[dim]
-    if n == 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = n
-    pad = x.new_full(shape, value)
-    return torch.cat([pad, x] if left else [x, pad], dim=dim)
-
-
-def concat_rollouts(chunks, pad_id):
-    """Concatenate per-chunk rollouts: prompts left-padded to the longest, responses right-padded."""
-    P = max(c["prompt_ids"].shape[1] for c in chunks)
-    N = max(c["tokens"].shape[1] for c in chunks)
-    out = {}
-    for k in chunks[0]:
-        if k in ("prompt_ids", "prompt_mask"):
-            out[k] = torch.cat([pad_to(c[k], P, 1, pad_id if k == "prompt_ids" else 0, left=True) for c in chunks])
-        else:
-            out[k] = torch.cat([pad_to(c[k], N, 1, pad_id if k == "tokens" else 0) for c in chunks])
-    return out
 
 
 def trim(mb):
@@ -719,12 +593,6 @@ def pt_loss(student, teacher, chunk, kd_ratio, dtype):
 # ----------------------------------------------------------------------------------------------------
 # SFT: cross-entropy on the gold responses (and, with a teacher, word-level KD). Phase 1 of MiniLLM.
 
-def cosine_lr(step, total, lr, min_lr, warmup=0):
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
-
 
 def sft_loss(model, ids, attn, labels, dtype, teacher=None, kd_ratio=0.0):
     """Token-mean CE on the response (labels != -100); with a teacher, (1-λ)·CE + λ·KL(p||q_θ)."""
@@ -738,23 +606,6 @@ def sft_loss(model, ids, attn, labels, dtype, teacher=None, kd_ratio=0.0):
             zt = teacher(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1]
         loss_sum = (1 - kd_ratio) * loss_sum + kd_ratio * masked_sum(forward_kl(logits, zt), mask)
     return loss_sum, mask.sum()
-
-
-@torch.no_grad()
-def eval_loss(model, data, pad_id, batch_size, dtype, device):
-    """Token-mean validation loss; each rank evaluates its share and the sums are all-reduced."""
-    model.eval()
-    total, n = 0.0, 0.0
-    mine = data[rank()::world()]
-    n_batches = math.ceil(math.ceil(len(data) / world()) / batch_size)  # the same on every rank (FSDP: collectives)
-    for i in range(0, n_batches * batch_size, batch_size):
-        examples = mine[i:i + batch_size]
-        ids, attn, labels = (x.to(device) for x in collate_sft(examples or data[:1], pad_id))
-        s, c = sft_loss(model, ids, attn, labels, dtype)
-        if examples:  # an empty share still runs the forward, and counts nothing
-            total, n = total + s.item(), n + c.item()
-    model.train()
-    return all_sum(total) / max(all_sum(n), 1)
 
 
 def sft_backward(model, batch, n_tokens, pad_id, args, dtype, teacher=None, kd_ratio=0.0):
@@ -834,18 +685,6 @@ def sft(model, tok, train, val, out_dir, args, lr, epochs, dtype, teacher=None, 
 # ----------------------------------------------------------------------------------------------------
 # MiniLLM distillation: collect rollouts from p~, then PPO-style epochs over them. Phase 2.
 
-def teacher_store(args, n_rollouts, vocab_size, dtype):
-    """The rollout buffer's one big tensor: the teacher's log p(·|y_<t) at every response position of a
-    collection, (R, max_new_tokens, V), allocated once and written in place while sampling. At the paper's sizes
-    256 × 256 × 50,257 × 2 bytes = 6.6 GB; --teacher-logits offload puts it in pinned CPU memory, recompute
-    keeps none and runs the teacher again on every micro-batch (the official code's way)."""
-    if args.teacher_logits == "recompute" or not args.single_step:
-        return None
-    offload = args.teacher_logits == "offload"
-    device = "cpu" if offload else args.device
-    pin = offload and torch.device(args.device).type == "cuda"  # pinned: the per-token copies do not block
-    return torch.zeros(n_rollouts, args.max_new_tokens, vocab_size, dtype=store_dtype(dtype), device=device, pin_memory=pin)
-
 
 @torch.no_grad()
 def collect_rollouts(student, teacher, prompts, args, eos_id, pad_id, dtype, generator=None, store=None):
@@ -876,55 +715,6 @@ def collect_rollouts(student, teacher, prompts, args, eos_id, pad_id, dtype, gen
     buf["adv"] = whiten_global(adv, mask) if args.whiten else adv  # statistics over every rank's rollouts
     buf["rewards"] = r
     return buf
-
-
-# On-policy distillation can lower the reverse KL while the samples degenerate: answers that never end, loops,
-# a few strings the teacher rates highly (the paper's "reward hacking"). These counts show it per collection.
-WARN_NO_EOS = 0.5    # warn when more than half the responses hit --max-new-tokens without EOS ...
-WARN_REPEAT = 0.2    # ... or more than a fifth of the 4-grams repeat one earlier in the same response ...
-WARN_PATIENCE = 3    # ... for this many collections in a row
-
-
-def rollout_diagnostics(tokens, mask, eos_id, top1=None, n=4):
-    """Sums over a collection (so that ranks can add them) that reveal degenerate samples:
-    rows; no_eos = rows that end without EOS (they hit --max-new-tokens); grams = n-grams inside responses (EOS
-    excluded), repeated = those equal to an earlier n-gram of the same response; distinct = distinct responses;
-    agree = positions where the student's and the teacher's argmax agree (top1: (B, N) 0/1, masked)."""
-    ended = ((tokens == eos_id) & mask.bool()).any(1)  # (B,)
-    grams = repeated = 0
-    responses = set()
-    for row, m in zip(tokens.tolist(), mask.sum(1).long().tolist()):
-        ids = [t for t in row[:m] if t != eos_id]
-        seen = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
-        grams, repeated = grams + len(seen), repeated + len(seen) - len(set(seen))
-        responses.add(tuple(row[:m]))
-    return {"rows": tokens.shape[0], "no_eos": int((~ended).sum()), "grams": grams, "repeated": repeated,
-            "distinct": len(responses), "agree": float(top1.sum()) if top1 is not None else float("nan")}
-
-
-def degeneration_warning(recent):
-    """A warning line when every one of the last WARN_PATIENCE collections (rollout_stats dicts) passes a threshold."""
-    if len(recent) < WARN_PATIENCE:
-        return None
-    if all(r["no_eos"] > WARN_NO_EOS for r in recent):
-        return (f"warning: {recent[-1]['no_eos']:.0%} of the responses hit --max-new-tokens without EOS for "
-                f"{WARN_PATIENCE} collections (README: training diagnostics)")
-    if all(r["rep4"] > WARN_REPEAT for r in recent):
-        return (f"warning: {recent[-1]['rep4']:.0%} of the 4-grams repeat within a response for "
-                f"{WARN_PATIENCE} collections (README: training diagnostics)")
-    return None
-
-
-def rollout_stats(buf, seconds, eos_id):
-    """Per-token means of a collection over every rank's rollouts (for the log only), and the diagnostics:
-    no_eos, rep4 (repeated 4-grams / 4-grams), distinct (distinct responses / responses; under DDP counted within
-    each rank's share), top1 (student-teacher argmax agreement per sampled position)."""
-    n, rows = all_sum(buf["mask"].sum()), all_sum(buf["mask"].shape[0])
-    d = {k: all_sum(v) for k, v in rollout_diagnostics(buf["tokens"], buf["mask"], eos_id, buf.get("top1")).items()}
-    return {"rkl": all_sum(buf["kl"].sum()) / n, "w_mean": all_sum(buf["w"].sum()) / n, "w_max": all_max(buf["w"].max()),
-            "len": n / rows, "reward": all_sum(buf["rewards"].sum()) / n, "sample_tok_s": n / seconds,
-            "no_eos": d["no_eos"] / rows, "rep4": d["repeated"] / max(1, d["grams"]), "distinct": d["distinct"] / rows,
-            "top1": d["agree"] / n}
 
 
 def minillm_backward(model, mb, args, dtype, sync=True, teacher_logits=None, teacher=None):
@@ -1046,7 +836,7 @@ def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None
     barrier()  # the other ranks wait for rank 0's files
 
 
-# ====================================== END OF THE METHOD ======================================
+# =========================================== END OF THE METHOD ============================================
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1263,8 +1053,237 @@ def check_positions(args, examples):
                     f"(or --max-prompt-len)")
 
 
-# ========================================== PLUMBING ==========================================
+# ================================================ PLUMBING ================================================
 # Loading, logging, checkpoints and resume, several processes. A first reader can stop here.
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers of the method: batching and padding, the data stream of L_PT, top-k/p and the draw, autocast, caches,
+# the rollout buffer's storage, the SFT schedule and validation loss, and a collection's diagnostics (log only).
+
+def tokenize_dataset(tok, records, max_prompt_len, max_len, name="data", template="alpaca"):
+    out = [tokenize_example(tok, r, max_prompt_len, max_len, template) for r in records]
+    kept = [x for x in out if x is not None]
+    print(f"{name}: {len(kept)} examples, {len(out) - len(kept)} dropped (prompt > {max_prompt_len} tokens)")
+    if not kept:
+        die(f"{name}: no examples left: all {len(out)} prompts are longer than --max-prompt-len {max_prompt_len} tokens; "
+            "raise --max-prompt-len or check the data")
+    return kept
+
+
+def collate_sft(examples, pad_id):
+    """Right-padded (input_ids, attention_mask, labels); labels are -100 on the prompt and padding,
+    so only response tokens and the EOS are targets."""
+    L = max(len(p) + len(r) for p, r in examples)
+    ids = torch.full((len(examples), L), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(examples), L), dtype=torch.long)
+    labels = torch.full((len(examples), L), -100, dtype=torch.long)
+    for i, (p, r) in enumerate(examples):
+        n = len(p) + len(r)
+        ids[i, :n] = torch.tensor(p + r)
+        attn[i, :n] = 1
+        labels[i, len(p):n] = torch.tensor(r)
+    return ids, attn, labels
+
+
+def collate_prompts(prompts, pad_id):
+    """Left-padded prompts, so every sequence's next token is generated at the same column."""
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(prompts), P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p)
+        attn[i, P - len(p):] = 1
+    return ids, attn
+
+
+def pt_chunks(spec, tok, seq_len, seed=0):
+    """Endless stream of seq_len-token chunks of the pre-training corpus (documents joined by EOS, each one
+    starting as the tokenizer starts a text).
+    Hub datasets are streamed, so OpenWebText is never downloaded whole."""
+    if os.path.exists(spec):
+        if spec.endswith(".jsonl"):
+            texts = [r["text"] for r in load_records(spec, required=("text",))]
+        else:
+            texts = [t for t in read_text(spec, "pre-training corpus").split("\n\n") if t.strip()]
+        source = lambda: iter(texts)  # noqa: E731
+    else:
+        import datasets
+        source = lambda: (r["text"] for r in datasets.load_dataset(spec, split="train", streaming=True).shuffle(seed=seed))  # noqa: E731
+    buf, start = [], text_start(tok)
+    while True:
+        n_docs = 0
+        for text in source():
+            n_docs += 1
+            buf += start + tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            while len(buf) >= seq_len:
+                yield torch.tensor(buf[:seq_len])
+                buf = buf[seq_len:]
+        if n_docs == 0:
+            die(f"pre-training corpus {spec} is empty; give a non-empty --pt-data, or --pt-data none")
+
+
+def filter_probs(probs, top_k=0, top_p=1.0):
+    """Top-k / nucleus filtering of a (B, V) distribution, renormalised."""
+    if top_k > 0:
+        kth = probs.topk(top_k, dim=-1).values[:, -1:]
+        probs = probs * (probs >= kth)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # keep tokens until the mass before them reaches top_p
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p * keep)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def draw(probs, generator=None):
+    """One token per row of a (B, V) distribution, by inverse CDF: one uniform per row, exact (float64 CDF, no
+    rounding bias). torch.multinomial draws V exponentials per row instead: ~10 ms per token at (8, 50257) on
+    one CPU core, a third of the sampling time of small models."""
+    cdf = probs.cumsum(-1, dtype=torch.float64)  # (B, V)
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)  # first v: cdf_v > u
+
+
+def autocast(device, dtype):
+    if dtype == torch.bfloat16:
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def n_logits(model):
+    """The number of logits the model returns: its shared vocabulary once fp32_head has sliced it."""
+    head = model.get_output_embeddings()
+    return getattr(head, "n_out", head.weight.shape[0])
+
+
+def new_cache(model):
+    """An empty KV cache laid out by the model's config: sliding-window layers (Gemma 2/3, Mistral) keep only
+    their window instead of the whole sequence."""
+    from transformers import DynamicCache
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # an older transformers without config=
+        return DynamicCache()
+
+
+def store_dtype(dtype):
+    """What the rollout buffer keeps the teacher's log-probabilities in. fp32 runs: fp32. bf16 runs: fp16, at the
+    same memory as bf16 but with an 8x finer step (log-probabilities are <= 0 and bounded, so fp16's range is enough)."""
+    return torch.float16 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def teacher_store(args, n_rollouts, vocab_size, dtype):
+    """The rollout buffer's one big tensor: the teacher's log p(·|y_<t) at every response position of a
+    collection, (R, max_new_tokens, V), allocated once and written in place while sampling. At the paper's sizes
+    256 × 256 × 50,257 × 2 bytes = 6.6 GB; --teacher-logits offload puts it in pinned CPU memory, recompute
+    keeps none and runs the teacher again on every micro-batch (the official code's way)."""
+    if args.teacher_logits == "recompute" or not args.single_step:
+        return None
+    offload = args.teacher_logits == "offload"
+    device = "cpu" if offload else args.device
+    pin = offload and torch.device(args.device).type == "cuda"  # pinned: the per-token copies do not block
+    return torch.zeros(n_rollouts, args.max_new_tokens, vocab_size, dtype=store_dtype(dtype), device=device, pin_memory=pin)
+
+
+def pad_to(x, length, dim, value=0, left=False):
+    n = length - x.shape[dim]
+    if n == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = n
+    pad = x.new_full(shape, value)
+    return torch.cat([pad, x] if left else [x, pad], dim=dim)
+
+
+def concat_rollouts(chunks, pad_id):
+    """Concatenate per-chunk rollouts: prompts left-padded to the longest, responses right-padded."""
+    P = max(c["prompt_ids"].shape[1] for c in chunks)
+    N = max(c["tokens"].shape[1] for c in chunks)
+    out = {}
+    for k in chunks[0]:
+        if k in ("prompt_ids", "prompt_mask"):
+            out[k] = torch.cat([pad_to(c[k], P, 1, pad_id if k == "prompt_ids" else 0, left=True) for c in chunks])
+        else:
+            out[k] = torch.cat([pad_to(c[k], N, 1, pad_id if k == "tokens" else 0) for c in chunks])
+    return out
+
+
+def cosine_lr(step, total, lr, min_lr, warmup=0):
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def eval_loss(model, data, pad_id, batch_size, dtype, device):
+    """Token-mean validation loss; each rank evaluates its share and the sums are all-reduced."""
+    model.eval()
+    total, n = 0.0, 0.0
+    mine = data[rank()::world()]
+    n_batches = math.ceil(math.ceil(len(data) / world()) / batch_size)  # the same on every rank (FSDP: collectives)
+    for i in range(0, n_batches * batch_size, batch_size):
+        examples = mine[i:i + batch_size]
+        ids, attn, labels = (x.to(device) for x in collate_sft(examples or data[:1], pad_id))
+        s, c = sft_loss(model, ids, attn, labels, dtype)
+        if examples:  # an empty share still runs the forward, and counts nothing
+            total, n = total + s.item(), n + c.item()
+    model.train()
+    return all_sum(total) / max(all_sum(n), 1)
+
+
+# On-policy distillation can lower the reverse KL while the samples degenerate: answers that never end, loops,
+# a few strings the teacher rates highly (the paper's "reward hacking"). These counts show it per collection.
+WARN_NO_EOS = 0.5    # warn when more than half the responses hit --max-new-tokens without EOS ...
+WARN_REPEAT = 0.2    # ... or more than a fifth of the 4-grams repeat one earlier in the same response ...
+WARN_PATIENCE = 3    # ... for this many collections in a row
+
+
+def rollout_diagnostics(tokens, mask, eos_id, top1=None, n=4):
+    """Sums over a collection (so that ranks can add them) that reveal degenerate samples:
+    rows; no_eos = rows that end without EOS (they hit --max-new-tokens); grams = n-grams inside responses (EOS
+    excluded), repeated = those equal to an earlier n-gram of the same response; distinct = distinct responses;
+    agree = positions where the student's and the teacher's argmax agree (top1: (B, N) 0/1, masked)."""
+    ended = ((tokens == eos_id) & mask.bool()).any(1)  # (B,)
+    grams = repeated = 0
+    for ids in responses_of(tokens, mask):
+        ids = [t for t in ids if t != eos_id]
+        seen = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+        grams, repeated = grams + len(seen), repeated + len(seen) - len(set(seen))
+    return {"rows": tokens.shape[0], "no_eos": int((~ended).sum()), "grams": grams, "repeated": repeated,
+            "distinct": len(set(responses_of(tokens, mask))), "agree": float(top1.sum()) if top1 is not None else float("nan")}
+
+
+def responses_of(tokens, mask):
+    """Each row's response as a tuple of token ids (up to and including its EOS)."""
+    return [tuple(row[:m]) for row, m in zip(tokens.tolist(), mask.sum(1).long().tolist())]
+
+
+def degeneration_warning(recent):
+    """A warning line when every one of the last WARN_PATIENCE collections (rollout_stats dicts) passes a threshold."""
+    if len(recent) < WARN_PATIENCE:
+        return None
+    if all(r["no_eos"] > WARN_NO_EOS for r in recent):
+        return (f"warning: {recent[-1]['no_eos']:.0%} of the responses hit --max-new-tokens without EOS for "
+                f"{WARN_PATIENCE} collections (README: training diagnostics)")
+    if all(r["rep4"] > WARN_REPEAT for r in recent):
+        return (f"warning: {recent[-1]['rep4']:.0%} of the 4-grams repeat within a response for "
+                f"{WARN_PATIENCE} collections (README: training diagnostics)")
+    return None
+
+
+def rollout_stats(buf, seconds, eos_id):
+    """Per-token means of a collection over every rank's rollouts (for the log only), and the diagnostics:
+    no_eos, rep4 (repeated 4-grams / 4-grams), distinct (distinct responses / responses, over every rank's),
+    top1 (student-teacher argmax agreement per sampled position)."""
+    n, rows = all_sum(buf["mask"].sum()), all_sum(buf["mask"].shape[0])
+    d = {k: all_sum(v) for k, v in rollout_diagnostics(buf["tokens"], buf["mask"], eos_id, buf.get("top1")).items()}
+    if world() > 1:  # distinct over every rank's rollouts: not a sum of each rank's count
+        d["distinct"] = len(set().union(*all_gather_objects(set(responses_of(buf["tokens"], buf["mask"])))))
+    return {"rkl": all_sum(buf["kl"].sum()) / n, "w_mean": all_sum(buf["w"].sum()) / n, "w_max": all_max(buf["w"].max()),
+            "len": n / rows, "reward": all_sum(buf["rewards"].sum()) / n, "sample_tok_s": n / seconds,
+            "no_eos": d["no_eos"] / rows, "rep4": d["repeated"] / max(1, d["grams"]), "distinct": d["distinct"] / rows,
+            "top1": d["agree"] / n}
+
 
 # ----------------------------------------------------------------------------------------------------
 # Loading: local files or hub names -> records, tokenizers, models. Bad input ends in one line (die).
