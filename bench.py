@@ -184,14 +184,14 @@ def distill_args(sh, device, pt):
 
 @contextlib.contextmanager
 def quiet_distill():
-    """minillm.distill saves a checkpoint, a plot and prints a line: not part of a step, so switched off here."""
-    saved = M.save_checkpoint, M.plot_curve, M.mark_done
-    M.save_checkpoint = M.plot_curve = M.mark_done = lambda *a, **k: None
+    """minillm.distill saves a checkpoint, two plots and prints a line: not part of a step, so switched off here."""
+    saved = M.save_checkpoint, M.plot_curve, M.plot_diagnostics, M.mark_done
+    M.save_checkpoint = M.plot_curve = M.plot_diagnostics = M.mark_done = lambda *a, **k: None
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
-        M.save_checkpoint, M.plot_curve, M.mark_done = saved
+        M.save_checkpoint, M.plot_curve, M.plot_diagnostics, M.mark_done = saved
 
 
 # ----------------------------------------------------------------------------------------------------
