@@ -23,18 +23,13 @@ import torch
 
 import eval as E
 import minillm as M
-from test_minillm import HERE, run_cli, word_tokenizer, write_jsonl
-from test_resume import cli, save_model, weights
+from test_minillm import HERE, run_cli, word_tokenizer
+from test_resume import cli, tiny_files, weights
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bad")
-    tok = word_tokenizer()
-    write_jsonl(root / "data.jsonl")
-    (root / "pt.txt").write_text("the cat sat on the mat\n\nthe dog ran to the park\n\na big red dog\n")
-    return dict(root=root, data=str(root / "data.jsonl"), pt=str(root / "pt.txt"),
-                teacher=save_model(root / "teacher", tok, 2, 1), student=save_model(root / "student", tok, 1, 2))
+    return tiny_files(tmp_path_factory.mktemp("bad"), word_tokenizer())
 
 
 def clean_rows(f):

@@ -527,13 +527,12 @@ def test_pt_switches_change_training_through_the_cli(tmp_path, saved_models, cap
 
     with_pt, rows = run("pt")
     assert all(r["loss_pt"] > 0 for r in rows)
-    for flags in (["--pt-data", "none"], ["--pt-coef", "0"]):
-        without, rows = run(flags[0].strip("-"), *flags)
+    no_data, rows_no_data = run("pt-data", "--pt-data", "none")
+    no_coef, rows_no_coef = run("pt-coef", "--pt-coef", "0")
+    for without, rows in ((no_data, rows_no_data), (no_coef, rows_no_coef)):
         assert not any("loss_pt" in r for r in rows)
-        assert not torch.allclose(without, with_pt, atol=1e-7, rtol=0), flags
-        if flags[1] == "0":
-            assert torch.equal(without, no_pt_data)
-        no_pt_data = without
+        assert not torch.allclose(without, with_pt, atol=1e-7, rtol=0)
+    assert torch.equal(no_data, no_coef)  # two ways to switch L_PT off, one training
 
 
 # ---------------------------------------------------------------------------------------------------

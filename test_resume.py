@@ -36,17 +36,21 @@ def save_model(path, tok, n_layer, seed, dropout=0.0):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    tok = word_tokenizer()
+def tiny_files(root, tok, dropout=False):
+    """Data, an L_PT corpus and a tiny teacher/student pair under `root` (with dropout twins if asked)."""
     write_jsonl(root / "data.jsonl")
     (root / "pt.txt").write_text("the cat sat on the mat\n\nthe dog ran to the park\n\na big red dog\n")
-    return dict(root=root, data=str(root / "data.jsonl"), pt=str(root / "pt.txt"),
-                teacher=save_model(root / "teacher", tok, 2, 1), student=save_model(root / "student", tok, 1, 2),
-                # dropout on: resuming must also restore the RNG that draws the dropout masks
-                teacher_drop=save_model(root / "teacher-drop", tok, 2, 1, 0.1),
-                student_drop=save_model(root / "student-drop", tok, 1, 2, 0.1))
+    files = dict(root=root, data=str(root / "data.jsonl"), pt=str(root / "pt.txt"),
+                 teacher=save_model(root / "teacher", tok, 2, 1), student=save_model(root / "student", tok, 1, 2))
+    if dropout:  # dropout on: resuming must also restore the RNG that draws the dropout masks
+        files.update(teacher_drop=save_model(root / "teacher-drop", tok, 2, 1, 0.1),
+                     student_drop=save_model(root / "student-drop", tok, 1, 2, 0.1))
+    return files
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return tiny_files(tmp_path_factory.mktemp("resume"), word_tokenizer(), dropout=True)
 
 
 def cli(f, dropout=False, **kw):
