@@ -509,6 +509,28 @@ def test_every_stabiliser_switch_changes_training(tmp_path, tok):
         assert not torch.allclose(base, run(**change), atol=1e-7, rtol=0), change
 
 
+def test_teacher_logit_modes_train_alike(tmp_path, tok):
+    """--teacher-logits keep, offload and recompute change where the teacher's log-probs live, not the update: keep and
+    offload give bitwise the same weights, recompute (a fresh teacher forward per micro-batch) the same to 1e-5.
+    Responses end at EOS at different steps and the buffer is reused by a second, shorter or longer collection, so
+    stale rows of the buffer would show if any reached the loss unmasked."""
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+
+    def run(mode):
+        student = boost_eos(tiny_gpt2(len(tok), 16, scale=5.0), tok.eos_token_id, 2.0)
+        teacher = boost_eos(tiny_gpt2(len(tok), 17, scale=5.0), tok.eos_token_id, 2.0).requires_grad_(False)
+        args = distill_args(tmp_path, steps=4, batch_size=2, micro_batch_size=1, teacher_logits=mode)
+        M.set_seed(0)
+        M.distill(student, teacher, tok, prompts, str(tmp_path / mode), args, torch.float32)
+        rows = [json.loads(line) for line in open(tmp_path / mode / "log.jsonl")]
+        return torch.cat([p.detach().flatten() for p in student.parameters()]), rows
+
+    keep, rows = run("keep")
+    assert len({r["len"] for r in rows}) > 1 and min(r["len"] for r in rows) < 6  # early EOS, collections differ
+    assert torch.equal(keep, run("offload")[0])
+    torch.testing.assert_close(run("recompute")[0], keep, atol=1e-5, rtol=0)
+
+
 def test_pt_switches_change_training_through_the_cli(tmp_path, saved_models, capsys):
     """--pt-data none and --pt-coef 0 each remove L_PT from the command line: the same weights as each other,
     other weights than with L_PT; and the logged loss_pt is there only with L_PT."""
