@@ -406,10 +406,17 @@ def fp32_head(model, vocab_size=None):
     n = vocab_size or head.weight.shape[0]
     assert n <= head.weight.shape[0], f"{n} tokens but only {head.weight.shape[0]} logits"
 
+    cast = {}  # a frozen bf16 head (the teacher's) is cast to fp32 once, not at every decoded token
+
     def head_forward(h):
+        w = head.weight[:n]
+        if w.dtype != torch.float32 and not w.requires_grad:
+            if cast.get("key") != (w.data_ptr(), w._version):
+                cast.update(key=(w.data_ptr(), w._version), w=w.float())
+            w = cast["w"]
         with torch.autocast(h.device.type, enabled=False):
             bias = None if getattr(head, "bias", None) is None else head.bias[:n].float()
-            return F.linear(h.float(), head.weight[:n].float(), bias)  # (..., n) fp32
+            return F.linear(h.float(), w.float(), bias)  # (..., n) fp32
     head.forward, head.n_out = head_forward, n  # attributes of this instance: state_dict, tying and saving are unchanged
     return model
 
@@ -452,8 +459,8 @@ def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_id, pad_id, m
     kl (full-vocabulary KL(q_θ||p) at each position), top1 (1 where both models' argmax agree: a diagnostic),
     and teacher_logits (B, N, V): the teacher's log-probabilities
     log p(·|y_<t) (normalised logits), in store_dtype(dtype). They are written in place into `teacher_out`, a
-    (B, max_new_tokens, V) slice of the collection's buffer, when given (on `logits_device`: pinned CPU memory
-    for --teacher-logits offload, copied without blocking).
+    (B, max_new_tokens, V) slice of the collection's buffer, when given (on `logits_device`: CPU memory for
+    --teacher-logits offload, one (B, V) copy per token).
     """
     assert not student.training and not teacher.training, "sampling runs both models in eval mode (no dropout)"
     B, device = prompt_ids.shape[0], prompt_ids.device
@@ -762,7 +769,7 @@ def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None
     if resume:
         state = load_train_state(resume, opt, device, student)
         start, pt_used, log_lines = state["step"], state["pt_used"], state["log_lines"]
-        gen.set_state(state["rng"]["gen"])
+        restore_generator(gen, state["rng"]["gen"])
         order_rng.setstate(state["rng"]["order"])
         for _ in range(pt_used):  # a stream cannot seek: skip the chunks already trained on
             next(pt_stream)
@@ -1180,7 +1187,7 @@ def teacher_store(args, n_rollouts, vocab_size, dtype):
         return None
     offload = args.teacher_logits == "offload"
     device = "cpu" if offload else args.device
-    pin = offload and torch.device(args.device).type == "cuda"  # pinned: the per-token copies do not block
+    pin = offload and torch.device(args.device).type == "cuda"  # pinned: the fastest host memory for the copies
     return torch.zeros(n_rollouts, args.max_new_tokens, vocab_size, dtype=store_dtype(dtype), device=device, pin_memory=pin)
 
 
@@ -1650,13 +1657,25 @@ def load_train_state(path, opt, device, model=None):
         dcp.load({"model": model_sd, "optimizer": opt_sd}, checkpoint_id=str(Path(path) / "dcp"))
         set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=opt_sd)
     else:
-        opt.load_state_dict(torch.load(Path(path) / "optimizer.pt", map_location=device, weights_only=True))
+        # read on the CPU: load_state_dict moves the moments to their parameters' devices and keeps AdamW's step
+        # counter on the CPU (on the GPU, reading it back would sync at every parameter of every step)
+        opt.load_state_dict(torch.load(Path(path) / "optimizer.pt", map_location="cpu", weights_only=True))
     state["rng"] = state["rng"][rank()]
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
-    if "cuda" in state["rng"]:
+    if "cuda" in state["rng"] and torch.cuda.is_available():  # a run resumed on another kind of device has none
         torch.cuda.set_rng_state(state["rng"]["cuda"])
     return state
+
+
+def restore_generator(gen, saved):
+    """A generator's saved state; a run resumed on another kind of device (--device may change) cannot use it, so
+    sampling goes on from the generator's seed instead, and the run is no longer bitwise the uninterrupted one."""
+    try:
+        gen.set_state(saved)
+    except RuntimeError:
+        print("warning: the sampler's random state was saved on another kind of device; sampling continues from "
+              "the seed (the run is no longer bitwise reproducible)", flush=True)
 
 
 def rng_state(**own):

@@ -330,3 +330,12 @@ def test_ddp_minillm_gradient_equals_the_single_process_gradient(tmp_path):
             torch.testing.assert_close(grad, one_grad, atol=1e-6, rtol=1e-5)
             assert stats.keys() == one_stats.keys()
             assert all(abs(stats[k] - one_stats[k]) < 1e-6 for k in stats), (how, stats, one_stats)
+
+
+def test_a_sampler_state_from_another_device_type_falls_back_to_the_seed(capsys):
+    """--device may change on resume (cuda -> cpu, say); the sampler's saved CUDA state cannot seed a CPU generator,
+    so sampling continues from the seed, with a warning, instead of crashing."""
+    g = torch.Generator().manual_seed(3)
+    M.restore_generator(g, torch.zeros(16, dtype=torch.uint8))  # a CUDA Philox state is 16 bytes
+    assert "another kind of device" in capsys.readouterr().out
+    assert torch.equal(torch.rand(3, generator=g), torch.rand(3, generator=torch.Generator().manual_seed(3)))
