@@ -1,7 +1,7 @@
 """
 The MiniLLM demo: the whole story on a laptop CPU, offline, in minutes.
 
-    python demo.py            # ~4 min on 2 CPU cores: every method and one held-out table
+    python demo.py            # ~2.5 min on 2 CPU cores: every method and one held-out table
     python demo.py --quick    # ~40 s: a shortened run, for CI
 
 A synthetic instruction task in Dolly's format (six families; three have many correct answers: any color, any two
