@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from minillm import (autocast, check_device, collate_prompts, collate_sft, decode_response, die, forward,
-                     load_config, load_model, load_records, load_tokenizer, prompt_text, resolve_dtype, sample_model,
+                     load_config, load_model, max_positions, load_records, load_tokenizer, prompt_text, resolve_dtype, sample_model,
                      set_seed, text_start, tokenize_example)
 
 # ----------------------------------------------------------------------------------------------------
@@ -280,8 +280,7 @@ sample = sample_model  # minillm's single-model sampler: KV cache, left padding,
 
 def check_context(config, examples, max_new_tokens, name="the model"):
     """GPT-2 has 1024 positions; a prompt + response that does not fit fails deep inside the model."""
-    config = config.get_text_config()
-    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    limit = max_positions(config)
     longest = max(len(ex["prompt_ids"]) for ex in examples) + max_new_tokens
     if limit and longest > limit:
         die(f"prompt + --max-new-tokens = {longest} tokens exceeds the {limit} positions of {name}; lower --max-new-tokens "
@@ -443,15 +442,23 @@ def exposure_curves(kl_student, mask_student, kl_teacher, mask_teacher, w_studen
 
 
 @torch.no_grad()
-def sample_and_score_kl(sampler, teacher, student, examples, n_samples, seed, args, dtype, eos_id, pad_id):
-    """n_samples responses per prompt from `sampler` -> (KL(p‖q_θ) (B, N), mask (B, N)), N = --max-new-tokens."""
+def sample_batches(sampler, examples, n_samples, seed, args, dtype, eos_id, pad_id):
+    """n_samples responses per prompt from `sampler`, batch by batch -> [(prompt_ids, prompt_mask, tokens, mask)]."""
     generator = torch.Generator(device=args.device).manual_seed(seed)
     prompts = [ex["prompt_ids"] for ex in examples for _ in range(n_samples)]
-    kls, masks = [], []
+    batches = []
     for i in range(0, len(prompts), args.batch_size):
         ids, attn = (x.to(args.device) for x in collate_prompts(prompts[i:i + args.batch_size], pad_id))
         tokens = sample_model(sampler, ids, attn, eos_id, pad_id, args.max_new_tokens, dtype=dtype, generator=generator)
-        mask = response_mask(tokens, eos_id)
+        batches.append((ids, attn, tokens, response_mask(tokens, eos_id)))
+    return batches
+
+
+@torch.no_grad()
+def score_kl(teacher, student, batches, args, dtype):
+    """KL(p‖q_θ) at every position of sampled batches -> (KL (B, N), mask (B, N)), N = --max-new-tokens."""
+    kls, masks = [], []
+    for ids, attn, tokens, mask in batches:
         kl = kl_teacher_student(teacher, student, ids, attn, tokens, mask, dtype)
         pad = args.max_new_tokens - tokens.shape[1]  # sampling stops when every row has ended
         kls.append(F.pad(kl.cpu(), (0, pad)))
@@ -472,12 +479,13 @@ def run_exposure(args, dtype):
     examples = prepare(tok, records, args.max_prompt_len, args.max_new_tokens, name=data_name, template=args.template)
     check_context(teacher.config, examples, args.max_new_tokens, args.teacher)
     curves = {}
+    sample = functools.partial(sample_batches, examples=examples, n_samples=args.samples, seed=args.seeds[0], args=args,
+                               dtype=dtype, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    teacher_batches = sample(teacher)  # the teacher's prefixes: sampled once, scored against every student
     for name in args.model:
         student = load_model(name, args.device, dtype, vocab_size=len(tok)).eval()
-        kl_s, m_s = sample_and_score_kl(student, teacher, student, examples, args.samples, args.seeds[0], args, dtype,
-                                        tok.eos_token_id, tok.pad_token_id)
-        kl_t, m_t = sample_and_score_kl(teacher, teacher, student, examples, args.samples, args.seeds[0], args, dtype,
-                                        tok.eos_token_id, tok.pad_token_id)
+        kl_s, m_s = score_kl(teacher, student, sample(student), args, dtype)
+        kl_t, m_t = score_kl(teacher, student, teacher_batches, args, dtype)
         # The samples still running at each position: past the typical length the means rest on a few samples.
         curves[name] = (*exposure_curves(kl_s, m_s, kl_t, m_t), m_s.sum(0), m_t.sum(0))
         R, eps, err, n_s, n_t = curves[name]
@@ -723,7 +731,7 @@ def local_judge(name, args, dtype, temperature, max_tokens, seed):
     their end (the rating request); returns ask(list of messages) -> list of texts."""
     tok = load_tokenizer(name)
     model = load_model(name, args.device, dtype, vocab_size=len(tok)).eval()
-    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None) or 10**9
+    limit = max_positions(model.config) or 10**9
     generator = torch.Generator(device=args.device).manual_seed(seed)
 
     def ask(messages_list):

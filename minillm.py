@@ -393,7 +393,6 @@ def tokenize_example(tok, rec, max_prompt_len, max_len, template="alpaca"):
 # Forward passes: fp32 logits over the shared vocabulary, position ids that respect left padding, an optional
 # KV cache (autocast and new_cache are with the helpers, in the plumbing).
 
-
 def fp32_head(model, vocab_size=None):
     """Make the LM head return fp32 logits for the first `vocab_size` tokens, whatever the autocast.
 
@@ -446,7 +445,6 @@ def forward(model, input_ids, attention_mask, cache=None, logits_to_keep=0):
 # Teacher-mixed sampling. Both models decode token by token with their own KV cache; the token is drawn
 # from p~ = α·p + (1-α)·q_θ. Every log-probability the loss needs is recorded on the way, and the
 # teacher's logits are kept, so the teacher never runs again on these rollouts.
-
 
 @torch.no_grad()
 def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_id, pad_id, max_new_tokens, alpha=0.2,
@@ -519,7 +517,6 @@ def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_id, pad_id, m
 
 # ----------------------------------------------------------------------------------------------------
 # The loss on a rollout buffer: a collection of rollouts padded to common shapes, with rewards and advantages.
-
 
 def trim(mb):
     """Drop columns that are padding in every row of a minibatch (saves compute, changes nothing)."""
@@ -599,7 +596,6 @@ def pt_loss(student, teacher, chunk, kd_ratio, dtype):
 
 # ----------------------------------------------------------------------------------------------------
 # SFT: cross-entropy on the gold responses (and, with a teacher, word-level KD). Phase 1 of MiniLLM.
-
 
 def sft_loss(model, ids, attn, labels, dtype, teacher=None, kd_ratio=0.0):
     """Token-mean CE on the response (labels != -100); with a teacher, (1-λ)·CE + λ·KL(p||q_θ)."""
@@ -692,7 +688,6 @@ def sft(model, tok, train, val, out_dir, args, lr, epochs, dtype, teacher=None, 
 # ----------------------------------------------------------------------------------------------------
 # MiniLLM distillation: collect rollouts from p~, then PPO-style epochs over them. Phase 2.
 
-
 @torch.no_grad()
 def collect_rollouts(student, teacher, prompts, args, eos_id, pad_id, dtype, generator=None, store=None):
     """Sample len(prompts) rollouts in chunks of --gen-batch-size; add rewards r_t and advantages.
@@ -775,7 +770,8 @@ def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None
             next(pt_stream)
         print(f"minillm: resuming from step {start} of {resume}")
     logger = Logger(log_path, keep=log_lines)
-    store = teacher_store(args, min(args.rollouts, len(prompts)) // world(), n_logits(teacher), dtype)  # once, reused
+    per_rank = min(args.rollouts, len(prompts)) // world()  # rollouts per collection on each rank: an equal share
+    store = teacher_store(args, per_rank, n_logits(teacher), dtype)  # once, reused by every collection
     queue = []  # minibatch index lists still to train on for the current collection
     buf, step, saved, recent = None, start, start, []  # recent: the last collections' stats, for the warning
     for step in range(start + 1, args.steps + 1):
@@ -783,8 +779,7 @@ def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None
         # ---- collect: --rollouts samples from p~, reused for --ppo-epochs epochs ----
         if not queue:
             t_s = time.time()
-            n = min(args.rollouts, len(prompts)) // world() * world()  # an equal share for every rank
-            batch_prompts = [prompts[i] for i in order_rng.sample(range(len(prompts)), n)]
+            batch_prompts = [prompts[i] for i in order_rng.sample(range(len(prompts)), per_rank * world())]
             buf = None  # the last collection's tensors go before the next one's arrive
             with gathered(student, not args.fsdp_sample_sharded):  # FSDP: all-gathered once, not at every token
                 buf = collect_rollouts(student, teacher, batch_prompts[rank()::world()], args, tok.eos_token_id,
@@ -1006,7 +1001,7 @@ def run(args):
     student = load_trained(resume, student_path, args, len(tok))
     assert n_logits(teacher) == n_logits(student), "one tokenizer (check_teacher_vocab), so one shared vocabulary"
     pt_stream = None
-    if args.pt_data != "none" and args.pt_coef > 0:  # each rank reads every world()-th chunk
+    if uses_pt(args):  # each rank reads every world()-th chunk
         pt_stream = islice(pt_chunks(args.pt_data, tok, args.pt_seq_len, args.seed), rank(), None, world())
     prompts = [p for p, _ in train]
     distill(student, teacher, tok, prompts, minillm_path, args, dtype, pt_stream, resume)
@@ -1052,8 +1047,7 @@ def check_positions(args, examples):
     if uses_pt(args):
         need["--pt-seq-len"] = args.pt_seq_len
     for name in [args.student] + ([args.teacher] if args.method != "sft" else []):
-        cfg = load_config(name, args.trust_remote_code).get_text_config()
-        limit = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+        limit = max_positions(load_config(name, args.trust_remote_code))
         for flag, n in need.items():
             if limit and n > limit:
                 die(f"{name} has {limit} positions and {flag} asks for sequences of {n} tokens; lower {flag} "
@@ -1251,13 +1245,14 @@ def rollout_diagnostics(tokens, mask, eos_id, top1=None, n=4):
     excluded), repeated = those equal to an earlier n-gram of the same response; distinct = distinct responses;
     agree = positions where the student's and the teacher's argmax agree (top1: (B, N) 0/1, masked)."""
     ended = ((tokens == eos_id) & mask.bool()).any(1)  # (B,)
+    responses = responses_of(tokens, mask)
     grams = repeated = 0
-    for ids in responses_of(tokens, mask):
+    for ids in responses:
         ids = [t for t in ids if t != eos_id]
         seen = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
         grams, repeated = grams + len(seen), repeated + len(seen) - len(set(seen))
     return {"rows": tokens.shape[0], "no_eos": int((~ended).sum()), "grams": grams, "repeated": repeated,
-            "distinct": len(set(responses_of(tokens, mask))), "agree": float(top1.sum()) if top1 is not None else float("nan")}
+            "distinct": len(set(responses)), "agree": float(top1.sum()) if top1 is not None else float("nan")}
 
 
 def responses_of(tokens, mask):
@@ -1416,6 +1411,13 @@ def use_chat_end_token(tok, name):
     after = tok(text[text.rindex("OK") + 2:], add_special_tokens=False)["input_ids"]
     if after and after[0] in tok.all_special_ids + [t for t in tok.added_tokens_decoder] and after[0] != tok.eos_token_id:
         tok.eos_token = tok.convert_ids_to_tokens(after[0])
+
+
+def max_positions(config):
+    """The longest sequence a model takes (learned position embeddings: GPT-2's n_positions, OPT's and Llama's
+    max_position_embeddings), or None when its config does not say."""
+    config = config.get_text_config()
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
 def load_config(name, trust_remote_code=False):
@@ -1607,7 +1609,6 @@ def set_seed(seed):
 # no rank ever holds the whole training state. The run folder must then be on a file system all ranks share.
 # The learning-rate schedule is a function of the step, so the step is all it needs.
 
-
 def save_train_state(path, model, opt, rng, **state):
     """Write ckpt.tmp/, then swap it in with two renames. Until the new checkpoint is complete the previous
     one stays, as ckpt/ or (killed between the renames) ckpt.old/; find_checkpoint looks at both."""
@@ -1745,7 +1746,6 @@ def prepare_out(out, args):
 # below shards instead). Every rank holds the whole student and the whole teacher; a global batch is drawn identically on every
 # rank and each rank trains on its share; gradients are all-reduced by DDP. Without torchrun these helpers
 # do nothing, and the single-process code path is exactly the one above.
-
 
 def dist_on():
     return torch.distributed.is_available() and torch.distributed.is_initialized()
