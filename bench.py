@@ -162,7 +162,7 @@ def gpt2(layers, width, heads, device, dtype, seed):
     from transformers import GPT2Config, GPT2LMHeadModel
     cfg = GPT2Config(vocab_size=V, n_positions=1024, n_layer=layers, n_embd=width, n_head=heads,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # the student trains in eval mode anyway
-                     bos_token_id=V - 1, eos_token_id=V - 1)
+                     bos_token_id=V - 1, eos_token_id=None)  # no end id but FakeTokenizer's: fixed-length rollouts
     torch.manual_seed(seed)
     with torch.device(device):  # initialise in place: a 1.5B model initialised on the CPU takes minutes
         model = GPT2LMHeadModel(cfg)
@@ -201,7 +201,7 @@ def sampling_jobs(student, teacher, ids, attn, sh, device, dtype):
     N, gen = sh["N"], torch.Generator(device=device).manual_seed(1)
 
     def ours():
-        M.sample_rollouts(student, teacher, ids, attn, FakeTokenizer.eos_token_id, FakeTokenizer.pad_token_id, N,
+        M.sample_rollouts(student, teacher, ids, attn, torch.tensor([FakeTokenizer.eos_token_id], device=device), FakeTokenizer.pad_token_id, N,
                           alpha=0.2, dtype=dtype, keep_teacher_logits=True, generator=gen)
 
     def hf(model, amp):
@@ -273,7 +273,7 @@ def step_jobs(student, teacher, prompts, pt_stream, sh, device, dtype):
     buf = {}
 
     def sampling():
-        buf.update(M.collect_rollouts(student, teacher, prompts, args, FakeTokenizer.eos_token_id,
+        buf.update(M.collect_rollouts(student, teacher, prompts, args, [FakeTokenizer.eos_token_id],
                                       FakeTokenizer.pad_token_id, dtype, gen))
 
     def loss_backward():

@@ -53,9 +53,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minillm import (autocast, check_device, collate_prompts, collate_sft, decode_response, die, forward,
-                     load_config, load_model, max_positions, load_records, load_tokenizer, prompt_text, resolve_dtype, sample_model,
-                     set_seed, text_start, tokenize_example)
+from minillm import (autocast, check_device, collate_prompts, collate_sft, decode_response, die, end_ids, forward,
+                     load_config, load_model, max_positions, load_records, load_tokenizer, model_configs, prompt_text,
+                     resolve_dtype, sample_model, set_seed, text_start, tokenize_example)
 
 # ----------------------------------------------------------------------------------------------------
 # The official test sets (NOTES §5). Hub repositories of raw files; the official evaluation reads
@@ -114,7 +114,8 @@ def build_parser():
 
     g = p.add_argument_group("system")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto: bf16 on a GPU that computes it natively (compute capability 8.0+), else fp32")
     return p
 
 
@@ -305,13 +306,13 @@ def generate(model, tok, examples, seed, args, dtype, desc=""):
     from tqdm import tqdm
     set_seed(seed)
     generator = torch.Generator(device=args.device).manual_seed(seed)
-    outputs = []
+    outputs, eos_ids = [], end_ids(tok, *model_configs(model))  # every id that ends this model's responses
     for i in tqdm(range(0, len(examples), args.batch_size), desc=desc, dynamic_ncols=True, leave=False):
         prompts = [ex["prompt_ids"] for ex in examples[i:i + args.batch_size]]
         ids, attn = (x.to(args.device) for x in collate_prompts(prompts, tok.pad_token_id))
-        tokens = sample(model, ids, attn, tok.eos_token_id, tok.pad_token_id, args.max_new_tokens, args.temperature,
-                        args.top_p, args.top_k, args.greedy, dtype, generator)
-        outputs += [decode_response(tok, row) for row in tokens.tolist()]
+        tokens = sample(model, ids, attn, torch.tensor(eos_ids, device=args.device), tok.pad_token_id, args.max_new_tokens,
+                        args.temperature, args.top_p, args.top_k, args.greedy, dtype, generator)
+        outputs += [decode_response(tok, row, eos_ids) for row in tokens.tolist()]
     return outputs
 
 
@@ -408,9 +409,10 @@ def results_tables(results, models, data_names):
 # ----------------------------------------------------------------------------------------------------
 # The paper's other analyses (NOTES §8), one command each: --analysis exposure | ece | judge.
 
-def response_mask(tokens, eos_id):
-    """(B, N) 1 up to and including the first EOS: the positions a sampled response really has."""
-    before = torch.cumsum((tokens == eos_id).long(), 1) - (tokens == eos_id).long()  # EOSs strictly before t
+def response_mask(tokens, eos_ids):
+    """(B, N) 1 up to and including the first end id (any of eos_ids): the positions a sampled response really has."""
+    end = torch.isin(tokens, torch.tensor(list(eos_ids), device=tokens.device)).long()
+    before = torch.cumsum(end, 1) - end  # end ids strictly before t
     return (before == 0).float()
 
 
@@ -442,15 +444,18 @@ def exposure_curves(kl_student, mask_student, kl_teacher, mask_teacher, w_studen
 
 
 @torch.no_grad()
-def sample_batches(sampler, examples, n_samples, seed, args, dtype, eos_id, pad_id):
-    """n_samples responses per prompt from `sampler`, batch by batch -> [(prompt_ids, prompt_mask, tokens, mask)]."""
+def sample_batches(sampler, examples, n_samples, seed, args, dtype, tok, pad_id):
+    """n_samples responses per prompt from `sampler`, batch by batch -> [(prompt_ids, prompt_mask, tokens, mask)].
+    Each response ends at any of the sampler's end ids (end_ids of tok and its configs)."""
     generator = torch.Generator(device=args.device).manual_seed(seed)
+    eos_ids = end_ids(tok, *model_configs(sampler))
     prompts = [ex["prompt_ids"] for ex in examples for _ in range(n_samples)]
     batches = []
     for i in range(0, len(prompts), args.batch_size):
         ids, attn = (x.to(args.device) for x in collate_prompts(prompts[i:i + args.batch_size], pad_id))
-        tokens = sample_model(sampler, ids, attn, eos_id, pad_id, args.max_new_tokens, dtype=dtype, generator=generator)
-        batches.append((ids, attn, tokens, response_mask(tokens, eos_id)))
+        tokens = sample_model(sampler, ids, attn, torch.tensor(eos_ids, device=args.device), pad_id, args.max_new_tokens,
+                              dtype=dtype, generator=generator)
+        batches.append((ids, attn, tokens, response_mask(tokens, eos_ids)))
     return batches
 
 
@@ -480,7 +485,7 @@ def run_exposure(args, dtype):
     check_context(teacher.config, examples, args.max_new_tokens, args.teacher)
     curves = {}
     sample = functools.partial(sample_batches, examples=examples, n_samples=args.samples, seed=args.seeds[0], args=args,
-                               dtype=dtype, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+                               dtype=dtype, tok=tok, pad_id=tok.pad_token_id)
     teacher_batches = sample(teacher)  # the teacher's prefixes: sampled once, scored against every student
     for name in args.model:
         student = load_model(name, args.device, dtype, vocab_size=len(tok)).eval()
@@ -733,6 +738,7 @@ def local_judge(name, args, dtype, temperature, max_tokens, seed):
     model = load_model(name, args.device, dtype, vocab_size=len(tok)).eval()
     limit = max_positions(model.config) or 10**9
     generator = torch.Generator(device=args.device).manual_seed(seed)
+    eos_ids = end_ids(tok, *model_configs(model))
 
     def ask(messages_list):
         if getattr(tok, "chat_template", None):
@@ -750,9 +756,9 @@ def local_judge(name, args, dtype, temperature, max_tokens, seed):
         out = []
         for i in range(0, len(prompts), args.batch_size):
             ids, attn = (x.to(args.device) for x in collate_prompts(prompts[i:i + args.batch_size], tok.pad_token_id))
-            tokens = sample_model(model, ids, attn, tok.eos_token_id, tok.pad_token_id, max_tokens, temperature,
-                                  dtype=dtype, generator=generator)
-            out += [decode_response(tok, row)[0] for row in tokens.tolist()]
+            tokens = sample_model(model, ids, attn, torch.tensor(eos_ids, device=args.device), tok.pad_token_id, max_tokens,
+                                  temperature, dtype=dtype, generator=generator)
+            out += [decode_response(tok, row, eos_ids)[0] for row in tokens.tolist()]
         return out
     return ask
 
@@ -806,6 +812,8 @@ ANALYSES = {"exposure": run_exposure, "ece": run_ece, "judge": run_judge}
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.device.startswith("cuda"):  # cuda:1 alone: its memory, not GPU 0's, holds the context
+        torch.cuda.set_device(args.device)
     dtype = resolve_dtype(args)
     if args.analysis:
         return ANALYSES[args.analysis](args, dtype)

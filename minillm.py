@@ -32,11 +32,13 @@ Deliberate simplifications, stated up front:
   * Advantages (and their whitening, lmops recipe only) are computed once per collection of rollouts,
     over response tokens only; the official code whitens per minibatch and includes padding.
   * bf16 must not change the algorithm: LM heads return fp32 logits, and log q_old is recomputed once per
-    collection with the loss's own forward, so the PPO ratio starts at exactly w_t (the official code uses fp16
-    and recomputes log q_old too).
+    collection by the loss's own forward on the loss's own micro-batches, so the PPO ratio starts at exactly w_t
+    (the official code uses fp16 and recomputes log q_old too). The minibatches are therefore cut once per
+    collection; each PPO epoch visits them in a new order.
 """
 
 import argparse
+import datetime
 import inspect
 import json
 import math
@@ -134,10 +136,15 @@ def build_parser():
 
     g = p.add_argument_group("system")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto: bf16 on a GPU that computes it natively (compute capability 8.0+: A100, H100, RTX 30xx), "
+                        "else fp32 (T4 and V100 only emulate bf16, slower than fp32); the first log line says which")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--dist-timeout", type=float, default=60.0,
+                   help="minutes a process waits in a collective (torchrun) before the job is killed; rank 0 writing a large "
+                        "checkpoint keeps the others waiting (NCCL's default, 10, kills a 13B run's save)")
 
     g = p.add_argument_group("long runs: rerun the same command to resume (README: Long runs and many GPUs)")
     g.add_argument("--save-interval", type=int, default=500,
@@ -168,7 +175,7 @@ def die(msg):
 POSITIVE = ["val_size", "max_prompt_len", "max_len", "max_new_tokens", "teacher_lr", "teacher_epochs", "student_lr",
             "student_epochs", "sft_batch_size", "sft_micro_batch_size", "steps", "lr", "batch_size", "micro_batch_size",
             "rollouts", "gen_batch_size", "ppo_epochs", "temperature", "pt_batch_size", "pt_seq_len", "reward_scale",
-            "log_interval", "grad_clip"]
+            "log_interval", "grad_clip", "dist_timeout"]
 NON_NEGATIVE = ["sft_max_steps", "sft_weight_decay", "min_lr", "warmup_steps", "weight_decay", "clip_eps", "top_k",
                 "pt_coef", "reward_clip", "save_interval", "stop_after"]
 UNIT_INTERVAL = ["alpha", "kd_ratio", "seqkd_kd_ratio", "pt_kd_ratio", "gamma"]  # mixing weights and the discount
@@ -447,7 +454,7 @@ def forward(model, input_ids, attention_mask, cache=None, logits_to_keep=0):
 # teacher's logits are kept, so the teacher never runs again on these rollouts.
 
 @torch.no_grad()
-def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_id, pad_id, max_new_tokens, alpha=0.2,
+def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_ids, pad_id, max_new_tokens, alpha=0.2,
                     temperature=1.0, top_p=1.0, top_k=0, dtype=torch.float32, keep_teacher_logits=True,
                     logits_device=None, generator=None, teacher_out=None):
     """Sample responses from p~ = α·p + (1-α)·q_θ. Returns a dict of (B, N) tensors:
@@ -497,7 +504,7 @@ def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_id, pad_id, m
             rec["top1"].append((zs.argmax(-1) == zt.argmax(-1)).float())  # a diagnostic: do both models agree here?
             if keep_teacher_logits:  # clamped so that fp16 holds it (-inf would make 0·inf = NaN in a KL)
                 teacher_out[:, t].copy_(logp.clamp(min=-1e4), non_blocking=True)
-            done = done | (y == eos_id)
+            done = done | torch.isin(y, eos_ids)  # eos_ids: every end id (end_ids), a 1-D LongTensor
             if all_done(done, student, teacher) or t == max_new_tokens - 1:  # under FSDP: every rank's rollouts
                 break  # the last token needs no forward: nobody conditions on it
             attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
@@ -519,7 +526,10 @@ def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_id, pad_id, m
 # The loss on a rollout buffer: a collection of rollouts padded to common shapes, with rewards and advantages.
 
 def trim(mb):
-    """Drop columns that are padding in every row of a minibatch (saves compute, changes nothing)."""
+    """Drop the columns that are padding in every row of a micro-batch (saves compute). In fp32 this changes nothing;
+    under bf16 it does: a row's logits depend on how much left padding it carries (the kernels and the attention's
+    sums change with the width), by up to 0.1 nats on a real 8-layer student. So a row's log q_old and its loss are
+    computed in the same micro-batch, at the same width (micro_batch_groups)."""
     P = int(mb["prompt_mask"].sum(1).max())
     N = int(mb["mask"].sum(1).max())
     return {k: v if v.dim() == 1 else v[:, -P:] if k.startswith("prompt") else v[:, :N] for k, v in mb.items()}
@@ -535,21 +545,30 @@ def student_response_logits(student, mb, dtype):
     return logits[:, :-1]
 
 
-@torch.no_grad()
-def recompute_logp_old(student, buf, micro_batch_size, dtype):
-    """log q_old(y_t) by the very forward the loss runs (student_response_logits), for a bf16 run.
+def micro_batch_groups(minibatches, micro_batch_size):
+    """The micro-batches the loss will run: each minibatch (a list of rows) cut into runs of --micro-batch-size rows,
+    the last one shorter, exactly as minillm_backward cuts it. -> list of row lists."""
+    return [mb[i:i + micro_batch_size] for mb in minibatches for i in range(0, len(mb), micro_batch_size)]
 
-    Under bf16 the KV-cached decode (one token at a time) and the loss's full forward round differently: on
-    GPT-2-like logits their log q_θ(y_t) differ by up to 0.25 nats, so ρ_t = w_t·q_θ/q_old would be off by
-    28% on the very first minibatch, where it must be w_t, and the PPO clip would cut tokens for nothing.
-    With log q_old from the same forward, ρ_t = w_t to bf16's run-to-run reproducibility. (In fp32 the two
-    agree to 1e-6, and this pass is skipped.) w_t itself stays the sampling-time q_θ/p~: it corrects for
-    the distribution the tokens were actually drawn from."""
+
+@torch.no_grad()
+def recompute_logp_old(student, buf, groups, dtype):
+    """log q_old(y_t) by the very forward the loss runs, for a bf16 run: student_response_logits on each group of
+    rows (micro_batch_groups), in the same row order and trimmed to the same width as the loss will see them.
+
+    Under bf16 two forwards of the same row agree only when they are the same computation: the KV-cached decode
+    (one token at a time) and a full forward differ by up to 0.25 nats on GPT-2-like logits, and a full forward's
+    result changes with the row's company (the padding width trim leaves). With log q_old from the loss's own
+    forward, ρ_t = w_t·q_θ/q_old is exactly w_t on the first minibatch of every collection, whatever --rollouts,
+    --batch-size and --micro-batch-size, and on later minibatches and epochs the ratio measures the policy's
+    change only. (In fp32 all these forwards agree to 1e-5, and this pass is skipped.) w_t itself stays the
+    sampling-time q_θ/p~: it corrects for the distribution the tokens were actually drawn from."""
     out = torch.zeros_like(buf["logp_student"])
-    for i in range(0, out.shape[0], micro_batch_size):
-        mb = trim({k: buf[k][i:i + micro_batch_size] for k in ("prompt_ids", "prompt_mask", "tokens", "mask")})
+    for rows in groups:
+        idx = torch.tensor(rows, device=out.device)
+        mb = trim({k: buf[k][idx] for k in ("prompt_ids", "prompt_mask", "tokens", "mask")})
         logp = token_logprobs(student_response_logits(student, mb, dtype), mb["tokens"])
-        out[i:i + micro_batch_size, :logp.shape[1]] = logp * mb["mask"]
+        out[idx, :logp.shape[1]] = logp * mb["mask"]
     return out
 
 
@@ -689,16 +708,18 @@ def sft(model, tok, train, val, out_dir, args, lr, epochs, dtype, teacher=None, 
 # MiniLLM distillation: collect rollouts from p~, then PPO-style epochs over them. Phase 2.
 
 @torch.no_grad()
-def collect_rollouts(student, teacher, prompts, args, eos_id, pad_id, dtype, generator=None, store=None):
+def collect_rollouts(student, teacher, prompts, args, eos_ids, pad_id, dtype, generator=None, store=None, minibatches=None):
     """Sample len(prompts) rollouts in chunks of --gen-batch-size; add rewards r_t and advantages.
-    store: teacher_store()'s buffer, reused from one collection to the next (allocated here if None)."""
+    eos_ids: every token id that ends a response (end_ids). store: teacher_store()'s buffer, reused from one
+    collection to the next (allocated here if None). minibatches: the row lists the loss will train on (bf16: log
+    q_old is recomputed in their micro-batches); default: the rows in order, --batch-size at a time."""
     student.eval()
     if store is None:
         store = teacher_store(args, len(prompts), n_logits(teacher), dtype)
-    chunks = []
+    chunks, eos_tensor = [], torch.tensor(sorted(eos_ids), device=args.device)
     for i in range(0, len(prompts), args.gen_batch_size):
         ids, attn = (x.to(args.device) for x in collate_prompts(prompts[i:i + args.gen_batch_size], pad_id))
-        roll = sample_rollouts(student, teacher, ids, attn, eos_id, pad_id, args.max_new_tokens, args.alpha,
+        roll = sample_rollouts(student, teacher, ids, attn, eos_tensor, pad_id, args.max_new_tokens, args.alpha,
                                args.temperature, args.top_p, args.top_k, dtype, keep_teacher_logits=store is not None,
                                generator=generator, teacher_out=None if store is None else store[i:i + len(ids)])
         roll.pop("teacher_logits", None)  # already in `store`
@@ -708,7 +729,9 @@ def collect_rollouts(student, teacher, prompts, args, eos_id, pad_id, dtype, gen
     if store is not None:  # a view; columns past a chunk's length hold finite leftovers, masked like all padding
         buf["teacher_logits"] = store[:len(prompts), :buf["mask"].shape[1]]
     if dtype in (torch.bfloat16, torch.float16):
-        buf["logp_student"] = recompute_logp_old(student, buf, args.micro_batch_size, dtype)
+        rows = list(range(len(prompts)))
+        minibatches = minibatches or [rows[i:i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
+        buf["logp_student"] = recompute_logp_old(student, buf, micro_batch_groups(minibatches, args.micro_batch_size), dtype)
     mask = buf["mask"]
     r = rewards(buf["logp_teacher"], buf["logp_student"], mask, args.reward_scale, args.reward_clip)
     # Without the single-step term, r_t must be sampled inside the return again (paper's ablation).
@@ -723,6 +746,7 @@ def minillm_backward(model, mb, args, dtype, sync=True, teacher_logits=None, tea
     """Gradient of L_long + L_single on this rank's share of a minibatch, in micro-batches: a SUM over the
     whole (global) minibatch divided by its GLOBAL token or sequence count, whatever the micro-batch and the
     number of ranks. sync=False: a later backward (L_PT) does the all-reduce. Returns the global losses.
+    The micro-batches are runs of --micro-batch-size rows (micro_batch_groups: bf16's log q_old came from these).
     The teacher's log-probs: mb["teacher_logits"] if there, else the rows mb["rows"] of `teacher_logits` (the
     collection's buffer: only a micro-batch's rows are ever copied), else a fresh teacher forward (recompute)."""
     n_norm = all_sum(normaliser(mb["mask"], args.normalize)) / world()  # ÷ world: DDP averages the ranks' gradients
@@ -771,8 +795,9 @@ def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None
         print(f"minillm: resuming from step {start} of {resume}")
     logger = Logger(log_path, keep=log_lines)
     per_rank = min(args.rollouts, len(prompts)) // world()  # rollouts per collection on each rank: an equal share
+    eos_ids = end_ids(tok, *model_configs(student), *model_configs(teacher))  # run() checked that both list the same
     store = teacher_store(args, per_rank, n_logits(teacher), dtype)  # once, reused by every collection
-    queue = []  # minibatch index lists still to train on for the current collection
+    queue = []  # the minibatches still to train on in this collection: lists of row indices into this rank's buffer
     buf, step, saved, recent = None, start, start, []  # recent: the last collections' stats, for the warning
     for step in range(start + 1, args.steps + 1):
         t0 = time.time()
@@ -780,19 +805,23 @@ def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None
         if not queue:
             t_s = time.time()
             batch_prompts = [prompts[i] for i in order_rng.sample(range(len(prompts)), per_rank * world())]
+            # The minibatches are cut once per collection, and every epoch visits them in a new order: a minibatch
+            # and its micro-batches keep their rows, so the loss sees each row in the company (and at the padding
+            # width) in which bf16's log q_old was computed (recompute_logp_old), and --micro-batch-size never
+            # changes which rows share an optimizer step.
+            perm, b = order_rng.sample(range(per_rank), per_rank), args.batch_size // world()
+            minibatches = [perm[i:i + b] for i in range(0, per_rank, b)]
             buf = None  # the last collection's tensors go before the next one's arrive
             with gathered(student, not args.fsdp_sample_sharded):  # FSDP: all-gathered once, not at every token
-                buf = collect_rollouts(student, teacher, batch_prompts[rank()::world()], args, tok.eos_token_id,
-                                       tok.pad_token_id, dtype, gen, store)
-            roll_stats = rollout_stats(buf, time.time() - t_s, tok.eos_token_id)
+                buf = collect_rollouts(student, teacher, batch_prompts[rank()::world()], args, eos_ids,
+                                       tok.pad_token_id, dtype, gen, store, minibatches)
+            roll_stats = rollout_stats(buf, time.time() - t_s, eos_ids)
             recent = recent[-(WARN_PATIENCE - 1):] + [roll_stats]
             warning = degeneration_warning(recent)
             if warning and is_main():
                 print(warning, flush=True)
-            n, b = buf["tokens"].shape[0], args.batch_size // world()
-            for _ in range(args.ppo_epochs):
-                perm = order_rng.sample(range(n), n)
-                queue += [perm[i:i + b] for i in range(0, n, b)]
+            for epoch in range(args.ppo_epochs):  # the first epoch in the permutation's order (already random)
+                queue += minibatches if epoch == 0 else order_rng.sample(minibatches, len(minibatches))
         # ---- one optimizer step on a minibatch ----
         student.eval()  # no dropout during distillation, as the official code
         idx = torch.tensor(queue.pop(0))
@@ -846,10 +875,10 @@ def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None
 # prompts; eval.py samples each model alone with the same loop.
 
 @torch.no_grad()
-def sample_model(model, prompt_ids, prompt_mask, eos_id, pad_id, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+def sample_model(model, prompt_ids, prompt_mask, eos_ids, pad_id, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
                  greedy=False, dtype=torch.float32, generator=None):
-    """One model alone (evaluation, SeqKD's teacher data): -> (B, N) response tokens, pad_id after the first EOS
-    (the EOS itself kept). Our own loop rather than model.generate, so a checkpoint's generation_config.json
+    """One model alone (evaluation, SeqKD's teacher data): -> (B, N) response tokens, pad_id after the first end id
+    (eos_ids: every one, a 1-D LongTensor; the end token itself kept). Our own loop rather than model.generate, so a checkpoint's generation_config.json
     (repetition penalty, minimum length, ...) can never slip in."""
     assert not model.training, "sampling runs in eval mode (no dropout)"
     cache = new_cache(model)
@@ -860,7 +889,7 @@ def sample_model(model, prompt_ids, prompt_mask, eos_id, pad_id, max_new_tokens,
             y = z.argmax(-1) if greedy else draw(filter_probs(torch.softmax(z / temperature, -1), top_k, top_p), generator)
             y = torch.where(done, torch.full_like(y, pad_id), y)
             out.append(y)
-            done = done | (y == eos_id)
+            done = done | torch.isin(y, eos_ids)
             if done.all() or t == max_new_tokens - 1:
                 break  # no forward for the last token: nothing conditions on it
             attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
@@ -868,10 +897,11 @@ def sample_model(model, prompt_ids, prompt_mask, eos_id, pad_id, max_new_tokens,
     return torch.stack(out, dim=1)
 
 
-def decode_response(tok, ids):
-    """Token ids of one response -> (text, length): cut at the first EOS, special tokens skipped, stripped.
-    length counts the tokens before the EOS."""
-    ids = ids[:ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
+def decode_response(tok, ids, eos_ids):
+    """Token ids of one response -> (text, length): cut at the first end id (any of eos_ids, end_ids), special tokens
+    skipped, stripped. length counts the tokens before the end."""
+    ends = [i for i, t in enumerate(ids) if t in set(eos_ids)]
+    ids = ids[:ends[0]] if ends else ids
     return tok.decode(ids, skip_special_tokens=True).strip(), len(ids)
 
 
@@ -879,12 +909,12 @@ def decode_response(tok, ids):
 def teacher_responses(model, tok, prompts, args, dtype, desc="seqkd: teacher samples"):
     """One sampled response per prompt (τ = --temperature, top-p/top-k as flags), batched with the KV cache."""
     model.eval()
-    texts = []
+    texts, eos_ids = [], end_ids(tok, *model_configs(model))
     for i in __import__("tqdm").trange(0, len(prompts), args.gen_batch_size, desc=desc, dynamic_ncols=True):
         ids, attn = (x.to(args.device) for x in collate_prompts(prompts[i:i + args.gen_batch_size], tok.pad_token_id))
-        out = sample_model(model, ids, attn, tok.eos_token_id, tok.pad_token_id, args.max_new_tokens, args.temperature,
-                           args.top_p, args.top_k, dtype=dtype)
-        texts += [decode_response(tok, row)[0] for row in out.tolist()]
+        out = sample_model(model, ids, attn, torch.tensor(eos_ids, device=args.device), tok.pad_token_id,
+                           args.max_new_tokens, args.temperature, args.top_p, args.top_k, dtype=dtype)
+        texts += [decode_response(tok, row, eos_ids)[0] for row in out.tolist()]
     return texts
 
 
@@ -945,7 +975,7 @@ def run(args):
     set_seed(args.seed + rank())  # dropout and sampling differ between ranks; data order and prompts do not
     dtype = resolve_dtype(args)
     out = Path(args.out)
-    print(f"method {args.method} | device {args.device} | dtype {dtype} | recipe {args.recipe} | out {out}"
+    print(f"method {args.method} | device {args.device} | dtype {describe_dtype(args, dtype)} | recipe {args.recipe} | out {out}"
           + (f" | {world()} processes" if world() > 1 else ""))
 
     # Every input is checked before the run folder is touched (errors: one line, exit status 2).
@@ -1098,8 +1128,8 @@ def collate_prompts(prompts, pad_id):
 
 
 def pt_chunks(spec, tok, seq_len, seed=0):
-    """Endless stream of seq_len-token chunks of the pre-training corpus (documents joined by EOS, each one
-    starting as the tokenizer starts a text).
+    """Endless stream of seq_len-token chunks of the pre-training corpus (documents joined by the pre-training EOS,
+    not --template chat's end of turn, each one starting as the tokenizer starts a text).
     Hub datasets are streamed, so OpenWebText is never downloaded whole."""
     if os.path.exists(spec):
         if spec.endswith(".jsonl"):
@@ -1115,7 +1145,7 @@ def pt_chunks(spec, tok, seq_len, seed=0):
         n_docs = 0
         for text in source():
             n_docs += 1
-            buf += start + tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            buf += start + tok(text, add_special_tokens=False)["input_ids"] + [pretrain_eos(tok)]
             while len(buf) >= seq_len:
                 yield torch.tensor(buf[:seq_len])
                 buf = buf[seq_len:]
@@ -1239,16 +1269,16 @@ WARN_REPEAT = 0.2    # ... or more than a fifth of the 4-grams repeat one earlie
 WARN_PATIENCE = 3    # ... for this many collections in a row
 
 
-def rollout_diagnostics(tokens, mask, eos_id, top1=None, n=4):
+def rollout_diagnostics(tokens, mask, eos_ids, top1=None, n=4):
     """Sums over a collection (so that ranks can add them) that reveal degenerate samples:
     rows; no_eos = rows that end without EOS (they hit --max-new-tokens); grams = n-grams inside responses (EOS
     excluded), repeated = those equal to an earlier n-gram of the same response; distinct = distinct responses;
     agree = positions where the student's and the teacher's argmax agree (top1: (B, N) 0/1, masked)."""
-    ended = ((tokens == eos_id) & mask.bool()).any(1)  # (B,)
+    ended = (torch.isin(tokens, torch.tensor(list(eos_ids), device=tokens.device)) & mask.bool()).any(1)  # (B,)
     responses = responses_of(tokens, mask)
     grams = repeated = 0
     for ids in responses:
-        ids = [t for t in ids if t != eos_id]
+        ids = [t for t in ids if t not in set(eos_ids)]
         seen = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
         grams, repeated = grams + len(seen), repeated + len(seen) - len(set(seen))
     return {"rows": tokens.shape[0], "no_eos": int((~ended).sum()), "grams": grams, "repeated": repeated,
@@ -1273,12 +1303,12 @@ def degeneration_warning(recent):
     return None
 
 
-def rollout_stats(buf, seconds, eos_id):
+def rollout_stats(buf, seconds, eos_ids):
     """Per-token means of a collection over every rank's rollouts (for the log only), and the diagnostics:
     no_eos, rep4 (repeated 4-grams / 4-grams), distinct (distinct responses / responses, over every rank's),
     top1 (student-teacher argmax agreement per sampled position)."""
     n, rows = all_sum(buf["mask"].sum()), all_sum(buf["mask"].shape[0])
-    d = {k: all_sum(v) for k, v in rollout_diagnostics(buf["tokens"], buf["mask"], eos_id, buf.get("top1")).items()}
+    d = {k: all_sum(v) for k, v in rollout_diagnostics(buf["tokens"], buf["mask"], eos_ids, buf.get("top1")).items()}
     if world() > 1:  # distinct over every rank's rollouts: not a sum of each rank's count
         d["distinct"] = len(set().union(*all_gather_objects(set(responses_of(buf["tokens"], buf["mask"])))))
     return {"rkl": all_sum(buf["kl"].sum()) / n, "w_mean": all_sum(buf["w"].sum()) / n, "w_max": all_max(buf["w"].max()),
@@ -1375,9 +1405,33 @@ def check_record(rec, required, where):
 
 
 def resolve_dtype(args):
+    """--dtype -> the compute dtype (describe_dtype says why)."""
     if args.dtype == "auto":
-        return torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+        return torch.bfloat16 if native_bf16(args.device) else torch.float32
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+
+
+def native_bf16(device):
+    """A CUDA device whose tensor cores compute bf16 (compute capability 8.0+, or what torch says of a ROCm GPU). A T4
+    or a V100 runs bf16 by emulation, slower than fp32 (fp16 would need loss scaling, which this code does not do)."""
+    if torch.device(device).type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch < 2.3 has no including_emulation (and counts emulation as support)
+            return torch.cuda.get_device_capability() >= (8, 0)
+
+
+def describe_dtype(args, dtype):
+    """For the first log line: the dtype, and why when --dtype auto chose it."""
+    name = {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype))
+    if args.dtype != "auto":
+        return name
+    if torch.device(args.device).type != "cuda":
+        return f"{name} (auto: not a CUDA device)"
+    gpu = torch.cuda.get_device_name(args.device)
+    return f"{name} (auto: {gpu} {'computes bf16 natively' if dtype == torch.bfloat16 else 'has no native bf16'})"
 
 
 def cannot_load(name, e):
@@ -1406,11 +1460,47 @@ def use_chat_end_token(tok, name):
     stops at and what SFT teaches; it becomes the tokenizer's EOS (saved with every checkpoint)."""
     if not getattr(tok, "chat_template", None):
         die(f"the tokenizer of {name} has no chat template; use --template alpaca, or a tokenizer with one")
+    tok.pretrain_eos_token_id = tok.eos_token_id  # L_PT's documents are still joined by it (pretrain_eos)
     turn = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "OK"}]
     text = tok.apply_chat_template(turn, tokenize=False)
     after = tok(text[text.rindex("OK") + 2:], add_special_tokens=False)["input_ids"]
     if after and after[0] in tok.all_special_ids + [t for t in tok.added_tokens_decoder] and after[0] != tok.eos_token_id:
         tok.eos_token = tok.convert_ids_to_tokens(after[0])
+
+
+def pretrain_eos(tok):
+    """The EOS that ends a document in pre-training: the tokenizer's own, even after --template chat made the end of
+    the assistant's turn its eos_token (use_chat_end_token)."""
+    eos = getattr(tok, "pretrain_eos_token_id", None)
+    return tok.eos_token_id if eos is None else eos
+
+
+def end_ids(tok, *configs):
+    """Every token id that ends a response, sorted: the tokenizer's EOS (under --template chat the end of the
+    assistant's turn, and the EOS it replaced) and every eos_token_id listed by the models' config.json and
+    generation_config.json (an int or a list: Llama 3 lists three, Gemma-it and Qwen2.5-Instruct two).
+    configs: model_configs(model) or named_configs(name) of each model (None where a model has none)."""
+    ids = {tok.eos_token_id, getattr(tok, "pretrain_eos_token_id", None)}
+    for c in configs:
+        for c in [c, c.get_text_config()] if hasattr(c, "get_text_config") else [c]:
+            e = getattr(c, "eos_token_id", None)
+            ids |= set(e) if isinstance(e, (list, tuple)) else {e}
+    return sorted(int(i) for i in ids if i is not None)
+
+
+def model_configs(model):
+    """A loaded model's config and generation config (end_ids)."""
+    return [unwrap(model).config, getattr(unwrap(model), "generation_config", None)]
+
+
+def named_configs(name, trust_remote_code=False):
+    """The config and generation config of a hub name or folder, without loading weights (end_ids)."""
+    from transformers import GenerationConfig
+    try:
+        gen = GenerationConfig.from_pretrained(name)
+    except (OSError, ValueError):  # no generation_config.json: the config's eos_token_id is all there is
+        gen = None
+    return [load_config(name, trust_remote_code), gen]
 
 
 def max_positions(config):
@@ -1476,9 +1566,16 @@ def check_same_vocab(tok_t, tok_s, vt, vs):
 
 
 def check_teacher_vocab(teacher, tok, args):
-    """Before any training: configs and tokenizer only, no weights are loaded."""
+    """Before any training: configs and tokenizer only, no weights are loaded. The two models must also end a response
+    at the same tokens: the student is trained to end where the teacher would."""
     vt, vs = (load_config(n, args.trust_remote_code).get_text_config().vocab_size for n in (teacher, args.student))
-    check_same_vocab(load_tokenizer(teacher, args.trust_remote_code), tok, vt, vs)
+    tok_t = load_tokenizer(teacher, args.trust_remote_code, args.template)
+    check_same_vocab(tok_t, tok, vt, vs)
+    et = end_ids(tok_t, *named_configs(teacher, args.trust_remote_code))
+    es = end_ids(tok, *named_configs(args.student, args.trust_remote_code))
+    if et != es:
+        die(f"teacher and student end responses at different token ids (teacher {et}, student {es}: their tokenizers' EOS "
+            "and the eos_token_id of their config.json and generation_config.json); make them list the same ids")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1712,7 +1809,7 @@ def maybe_stop(args, stage, steps_done, step):
 # Flags that change neither the method nor its numbers beyond float rounding (memory, logging, device):
 # a run folder accepts a rerun that changes them, e.g. a smaller micro-batch after an out-of-memory crash.
 HARMLESS = {"log_interval", "save_interval", "stop_after", "overwrite", "method", "device", "micro_batch_size",
-            "sft_micro_batch_size", "gen_batch_size", "teacher_logits"}
+            "sft_micro_batch_size", "gen_batch_size", "teacher_logits", "dist_timeout"}
 STAGES = ["teacher-sft", "student-sft", "minillm", "sft", "kd", "seqkd"]
 
 
@@ -1773,19 +1870,23 @@ def init_distributed(args):
     --fsdp in one process without torchrun: a group of one (FSDP needs a process group)."""
     torchrun = "RANK" in os.environ and "MASTER_ADDR" in os.environ
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not args.fsdp:
+        if args.device.startswith("cuda"):  # cuda:1 alone: its RNG state is the one saved, its memory the one pinned
+            torch.cuda.set_device(args.device)
         return
     if args.device.startswith("cuda"):
         args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(args.device)
     backend = "nccl" if args.device.startswith("cuda") else "gloo"
+    timeout = datetime.timedelta(minutes=args.dist_timeout)  # rank 0 may write a large checkpoint while the rest wait
     if torchrun:
-        torch.distributed.init_process_group(backend)
+        torch.distributed.init_process_group(backend, timeout=timeout)
     else:
         import socket
         with socket.socket() as s:  # a free port on this machine
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                                             timeout=timeout)
     if not is_main():
         sys.stdout = open(os.devnull, "w")  # rank 0 alone prints; errors (stderr) still show on every rank
 

@@ -29,10 +29,10 @@ def test_rollout_diagnostics_by_hand():
     mask = torch.tensor([[1] * 9, [1] * 3 + [0] * 6, [1] * 3 + [0] * 6, [1] * 6 + [0] * 3]).float()
     top1 = torch.tensor([[1, 0, 1, 0, 1, 0, 1, 0, 1], [1, 1, 1, 0, 0, 0, 0, 0, 0],
                          [0, 0, 0, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0, 0]]).float()
-    d = M.rollout_diagnostics(tokens, mask, eos, top1)
+    d = M.rollout_diagnostics(tokens, mask, [eos], top1)
     assert d == {"rows": 4, "no_eos": 1, "grams": 8, "repeated": 3, "distinct": 3, "agree": 14.0}
     buf = {"tokens": tokens, "mask": mask, "top1": top1, "kl": mask * 0.5, "w": mask, "rewards": mask * 0}
-    s = M.rollout_stats(buf, seconds=1.0, eos_id=eos)
+    s = M.rollout_stats(buf, seconds=1.0, eos_ids=[eos])
     assert (s["no_eos"], s["rep4"], s["distinct"], s["len"]) == (0.25, 3 / 8, 0.75, 21 / 4)
     assert s["top1"] == pytest.approx(14 / 21) and s["rkl"] == pytest.approx(0.5)
 
@@ -49,7 +49,7 @@ def test_warning_after_several_degenerate_collections():
 def test_recorded_top1_agreement_equals_a_fresh_forward():
     student, teacher = tiny_gpt2(40, 3, scale=2.0, tied=False), tiny_gpt2(40, 4, n_layer=3, scale=2.0, tied=False)
     ids, attn = M.collate_prompts([[5, 6, 7, 8], [11, 12], [13, 14, 15]], pad_id=0)
-    roll = M.sample_rollouts(student, teacher, ids, attn, eos_id=1, pad_id=0, max_new_tokens=8, alpha=0.5,
+    roll = M.sample_rollouts(student, teacher, ids, attn, eos_ids=torch.tensor([1]), pad_id=0, max_new_tokens=8, alpha=0.5,
                              generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         mb = dict(roll, prompt_ids=ids, prompt_mask=attn)
@@ -121,7 +121,7 @@ def test_exaccerr_equals_enumeration():
     student, teacher = tiny_gpt2(V, 31, scale=2.0, tied=False), tiny_gpt2(V, 32, n_layer=2, scale=2.0, tied=False)
     ys = all_responses()
     tokens = torch.tensor([y + [EOS] * (N_MAX - len(y)) for y in ys])
-    mask = E.response_mask(tokens, EOS)
+    mask = E.response_mask(tokens, [EOS])
     ids, attn = torch.tensor([PROMPT] * len(ys)), torch.ones(len(ys), len(PROMPT), dtype=torch.long)
     kl = E.kl_teacher_student(teacher, student, ids, attn, tokens, mask, torch.float32)
 

@@ -148,7 +148,7 @@ def test_left_padding_does_not_change_greedy_responses(tok):
 
     def greedy(prompts):
         ids, attn = M.collate_prompts(prompts, tok.pad_token_id)
-        return E.sample(model, ids, attn, tok.eos_token_id, tok.pad_token_id, 6, greedy=True)
+        return E.sample(model, ids, attn, torch.tensor([tok.eos_token_id]), tok.pad_token_id, 6, greedy=True)
 
     alone, batched = greedy([short]), greedy([long, short])
     assert batched[1, :alone.shape[1]].tolist() == alone[0].tolist()
@@ -156,7 +156,7 @@ def test_left_padding_does_not_change_greedy_responses(tok):
 
 def test_decode_cuts_at_the_first_eos(tok):
     ids = tok("cat dog")["input_ids"] + [tok.eos_token_id] + tok("red")["input_ids"]
-    assert E.decode_response(tok, ids) == ("cat dog", 2)
+    assert E.decode_response(tok, ids, [tok.eos_token_id]) == ("cat dog", 2)
 
 
 def test_missing_file_is_a_one_line_error(tmp_path, capsys):

@@ -146,7 +146,7 @@ def surrogate_gradient(student, teacher, include_current=False, single_step=True
                    "w": ones, "kl": M.single_step_kl(zs, zt), "teacher_logits": zt}
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(M, "sample_rollouts", lambda *a, **k: fake_sampler(rollout, k.get("teacher_out")))
-            mb = M.collect_rollouts(student, teacher, [PROMPT], args, EOS, 0, torch.float64)
+            mb = M.collect_rollouts(student, teacher, [PROMPT], args, [EOS], 0, torch.float64)
         loss, _ = M.minillm_loss(student, mb, args, n_norm=1, dtype=torch.float64)
         (logq.sum().exp() * loss).backward()  # weight by q_θ(y): an exact expectation, no sampling
     return torch.cat([p.grad.flatten() for p in student.parameters()])
@@ -280,7 +280,7 @@ def test_recorded_logprobs_equal_a_fresh_forward():
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
     ids, attn = M.collate_prompts(prompts, pad_id=0)
     alpha = 0.5
-    roll = M.sample_rollouts(student, teacher, ids, attn, eos_id=1, pad_id=0, max_new_tokens=8, alpha=alpha,
+    roll = M.sample_rollouts(student, teacher, ids, attn, eos_ids=torch.tensor([1]), pad_id=0, max_new_tokens=8, alpha=alpha,
                              generator=torch.Generator().manual_seed(4))
     lengths = roll["mask"].sum(1).long().tolist()
     assert lengths == [8, 6, 1]  # the left-padded row 1 ends at EOS after 6 tokens, row 2 at once
@@ -305,7 +305,7 @@ def test_recorded_logprobs_equal_a_fresh_forward():
 def test_response_mask_first_eos_is_a_target():
     student, teacher = tiny_gpt2(6, 5, scale=5.0), tiny_gpt2(6, 6, scale=5.0)
     ids, attn = M.collate_prompts([[2, 3]] * 64, pad_id=0)
-    roll = M.sample_rollouts(student, teacher, ids, attn, eos_id=1, pad_id=0, max_new_tokens=6, alpha=0.2)
+    roll = M.sample_rollouts(student, teacher, ids, attn, eos_ids=torch.tensor([1]), pad_id=0, max_new_tokens=6, alpha=0.2)
     for toks, m in zip(roll["tokens"].tolist(), roll["mask"].tolist()):
         n = int(sum(m))
         assert m == [1.0] * n + [0.0] * (len(m) - n)  # a prefix of ones
@@ -326,7 +326,7 @@ def test_samples_follow_the_mixture(alpha):
     assert (p - q).abs().sum() > 0.3  # the two are easy to tell apart
     n = 4000
     ids, attn = M.collate_prompts([[2, 3, 4]] * n, pad_id=0)
-    roll = M.sample_rollouts(student, teacher, ids, attn, eos_id=99, pad_id=0, max_new_tokens=1, alpha=alpha,
+    roll = M.sample_rollouts(student, teacher, ids, attn, eos_ids=torch.tensor([99]), pad_id=0, max_new_tokens=1, alpha=alpha,
                              generator=torch.Generator().manual_seed(0))
     freq = torch.bincount(roll["tokens"][:, 0], minlength=5).float() / n
     target = alpha * p + (1 - alpha) * q
