@@ -201,8 +201,8 @@ def sampling_jobs(student, teacher, ids, attn, sh, device, dtype):
     N, gen = sh["N"], torch.Generator(device=device).manual_seed(1)
 
     def ours():
-        M.sample_rollouts(student, teacher, ids, attn, torch.tensor([FakeTokenizer.eos_token_id], device=device), FakeTokenizer.pad_token_id, N,
-                          alpha=0.2, dtype=dtype, keep_teacher_logits=True, generator=gen)
+        M.sample_rollouts(student, teacher, ids, attn, torch.tensor([FakeTokenizer.eos_token_id], device=device),
+                          FakeTokenizer.pad_token_id, N, alpha=0.2, dtype=dtype, keep_teacher_logits=True, generator=gen)
 
     def hf(model, amp):
         def run():
@@ -284,8 +284,8 @@ def step_jobs(student, teacher, prompts, pt_stream, sh, device, dtype):
             loss, _ = M.minillm_loss(student, micro, args, n_norm, dtype)
             loss.backward()
 
-    def recompute():  # what a bf16 run adds to each collection: log q_old by the loss's own forward
-        M.recompute_logp_old(student, buf, args.micro_batch_size, dtype)
+    def recompute():  # what a bf16 run adds to each collection: log q_old by the loss's own forward, on its micro-batches
+        M.recompute_logp_old(student, buf, M.micro_batch_groups([list(range(sh["B"]))], args.micro_batch_size), dtype)
 
     def pt_backward():
         chunk = torch.stack([next(pt_stream) for _ in range(args.pt_batch_size)]).to(device)
@@ -500,6 +500,9 @@ def run(a, device):
         "teacher_logits_one_collection_bytes": teacher_logits_bytes(),
         "memory_plan_bytes": memory_table(),
         "recompute": {"recompute_logp_old_vs_step": med(step["recompute_logp_old"]) / med(step["step"]),
+                      # bf16's recompute (one no-grad forward per rollout, once per collection) against one PPO epoch of
+                      # the loss over the same rollouts (forward + backward): a collection pays it once, --ppo-epochs times
+                      "recompute_logp_old_vs_epoch": med(step["recompute_logp_old"]) / med(step["part_loss_backward"]),
                       "step_recompute_vs_keep": med(step["step_recompute"]) / med(step["step"])},
         "notes": {
             "trl": trl_note,
@@ -559,7 +562,8 @@ def print_table(r):
           f"{r['teacher_logits_one_collection_bytes'] / 1e9:.2f} GB ({gb(r['teacher_logits_one_collection_bytes'])}) "
           "— computed, not measured; --teacher-logits offload keeps them in CPU memory, recompute keeps none")
     rc = r["recompute"]
-    print(f"recompute_logp_old / step {rc['recompute_logp_old_vs_step']:.3f} (bf16 runs pay it once per collection); "
+    print(f"recompute_logp_old / step {rc['recompute_logp_old_vs_step']:.3f} (bf16 runs pay it once per collection), "
+          f"/ one epoch of loss + backward {rc['recompute_logp_old_vs_epoch']:.3f}; "
           f"step with --teacher-logits recompute / keep {rc['step_recompute_vs_keep']:.3f}")
     print("computed peak GPU memory of one rank, paper sizes (256 rollouts, prompt 256, 256 new tokens, gen batch 64, micro 16):")
     print(f"{'pair':<32}{'weights':>11}{'buffer':>11}{'keep':>11}{'offload':>11}{'recompute':>11}")
