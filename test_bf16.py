@@ -139,7 +139,7 @@ def test_teacher_and_student_with_other_end_ids_stop_with_one_line(two_eos, tmp_
     student = save(says_13(len(tok), 3), tok, tmp_path / "student", tok.eos_token_id)  # lists the tokenizer's EOS only
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        distill_log(tmp_path, paths["teacher"], student, data, "--steps", "1")
+        distill_log(tmp_path, paths["teacher"], student, data, "--steps", "1", "--max-new-tokens", "8")
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "end responses at different token ids" in err[0]
     assert not (tmp_path / "run").exists()  # nothing written
