@@ -82,6 +82,9 @@ def parse_args(argv=None):
                    help="CPU only: torch threads (default 1: on a small shared machine, 2 OpenMP threads wait on each other "
                         "whenever another process takes a core, which inflates ops-heavy decode loops; 0 = torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fsdp-memory", action="store_true",
+                   help="instead: peak RSS per rank of 2-rank --fsdp SFT against one process (gloo, CPU; ~5 minutes, "
+                        "~5 GB of memory at once)")
     return p.parse_args(argv)
 
 
@@ -418,8 +421,84 @@ def memory_table():
     return {name: memory_plan(t, s, v) for name, (t, s, v) in PAIRS.items()}
 
 
+# ----------------------------------------------------------------------------------------------------
+# 6. --fsdp memory: peak RSS per rank of two sharded ranks against one whole process (gloo, CPU).
+
+# ~160M parameters, Llama-shaped (untied head): 2 × 32000 × 768 embeddings and head + 16 blocks of 7.1M. fp32 weights
+# 0.65 GB; with gradients and AdamW moments 2.6 GB, what a rank of 2 should hold half of.
+FSDP_BIG = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=12,
+                num_key_value_heads=12, vocab_size=32000, max_position_embeddings=256)
+FSDP_TINY = dict(FSDP_BIG, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=2, vocab_size=128)
+
+RSS_SHIM = """import atexit, os, resource, runpy, sys
+atexit.register(lambda: open(os.environ["RSS_OUT"] + "." + os.environ.get("RANK", "0"), "w").write(
+    str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))  # peak RSS of this process, bytes (Linux: KiB)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def fsdp_memory(root):
+    """Two SFT steps of a ~160M Llama-shaped student (FSDP_BIG): peak RSS of one process, and of each rank of
+    `torchrun --nproc_per_node=2 ... --fsdp`; from each, the same run's peak with a tiny model (FSDP_TINY) is
+    subtracted, which leaves what the model costs (weights, gradients, AdamW moments, activations) without the
+    fixed cost of torch and transformers. Sharding weights, gradients and moments should give each rank about half."""
+    import subprocess
+    from pathlib import Path
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from test_minillm import word_tokenizer as words  # noqa: PLC0415  (the tests' offline tokenizer)
+    root = Path(root)
+    tok = words()
+    rows = [{"instruction": f"say the {w}", "input": "", "output": f"the {w} sat on the mat"} for w in ["cat", "dog", "mat"] * 4]
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "shim.py").write_text(RSS_SHIM)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    here = Path(__file__).resolve().parent
+    peaks = {}
+    for size, cfg in [("big", FSDP_BIG), ("tiny", FSDP_TINY)]:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**cfg, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+        params = sum(p.numel() for p in model.parameters())
+        model.save_pretrained(root / size)
+        tok.save_pretrained(root / size)
+        del model
+        cli = [str(here / "minillm.py"), "--method", "sft", "--student", str(root / size), "--teacher", str(root / size),
+               "--data", str(root / "data.jsonl"), "--val-size", "4", "--student-epochs", "1", "--sft-max-steps", "2",
+               "--sft-batch-size", "4", "--sft-micro-batch-size", "2", "--device", "cpu", "--save-interval", "0"]
+        for kind, launch, extra in [("one", [sys.executable, str(root / "shim.py")], []),
+                                    ("fsdp", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                              "--standalone", str(root / "shim.py")], ["--fsdp"])]:
+            out = root / f"{size}-{kind}"
+            res = subprocess.run(launch + cli + extra + ["--out", str(out)], env=dict(env, RSS_OUT=str(out) + ".rss"),
+                                 capture_output=True, text=True, cwd=root)
+            if res.returncode:
+                raise RuntimeError(f"{size} {kind}: {res.stderr[-2000:]}")
+            peaks[size, kind] = [int(Path(f"{out}.rss.{r}").read_text()) for r in range(2 if kind == "fsdp" else 1)]
+        if size == "big":
+            big_params = params
+    one = peaks["big", "one"][0] - peaks["tiny", "one"][0]
+    ranks = [b - t for b, t in zip(peaks["big", "fsdp"], peaks["tiny", "fsdp"])]
+    return {"params": big_params, "world": 2, "one_process_extra_bytes": one, "rank_extra_bytes": ranks,
+            "rank_vs_one_process": [r / one for r in ranks], "target": "<= 0.70 on every rank",
+            "peak_rss_bytes": {f"{s}_{k}": v for (s, k), v in peaks.items()},
+            "how": "peak RSS (ru_maxrss) of each process of two SFT steps, minus the same run's with a tiny model"}
+
+
 def main(argv=None):
     a = parse_args(argv)
+    if a.fsdp_memory:
+        with tempfile.TemporaryDirectory() as root:
+            res = {"fsdp_memory": fsdp_memory(root)}
+        if a.json:
+            print(json.dumps(res))
+        else:
+            m = res["fsdp_memory"]
+            print(f"--fsdp memory, {m['params'] / 1e6:.0f}M parameters, world 2 (gloo, CPU): one process +"
+                  f"{m['one_process_extra_bytes'] / 1e9:.2f} GB; ranks " + ", ".join(
+                      f"+{b / 1e9:.2f} GB ({r:.2f}×)" for b, r in zip(m["rank_extra_bytes"], m["rank_vs_one_process"]))
+                  + f" (target {m['target']})")
+        return res
     device = a.device
     if a.shapes == "paper" and not device.startswith("cuda"):
         print("warning: paper shapes on the CPU will take hours; they are meant for --device cuda", file=sys.stderr)

@@ -32,20 +32,28 @@ def fsdp_cli(f, **kw):
     return cli(f, **args) + ["--skip-teacher-sft"]
 
 
-def torchrun(args, out, cwd):
+def two_nodes(args, out, cwd):
+    """The run as two machines start it: two torchrun launchers (--nnodes 2, one process each) that meet through
+    c10d rendezvous at node 0's address. Both see one run folder (here, the same disk; across machines, a shared file
+    system). Returns both launchers' (exit code, stdout, stderr)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(HERE / "minillm.py"), *args, "--out", str(out)]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    port, logs = free_port(), [(Path(cwd) / f"node{n}.out", Path(cwd) / f"node{n}.err") for n in range(2)]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={n}",
+                               "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}",
+                               "--rdzv-id=minillm", str(HERE / "minillm.py"), *args, "--out", str(out)],
+                              cwd=cwd, env=env, stdout=open(o, "w"), stderr=open(e, "w")) for n, (o, e) in enumerate(logs)]
+    return [(p.wait(timeout=300), o.read_text(), e.read_text()) for p, (o, e) in zip(nodes, logs)]
 
 
 @pytest.fixture(scope="module")
 def sharded_run(files, tmp_path_factory):
-    """One uninterrupted 2-rank run, student and teacher sharded; the reference of both torchrun tests."""
+    """One uninterrupted 2-rank run, student and teacher sharded, launched as two nodes of one process each; the
+    reference of both tests below (which compare it with one process, and with a 2-rank run killed and resumed)."""
     out = tmp_path_factory.mktemp("fsdp") / "run"
-    res = torchrun(fsdp_cli(files) + ["--fsdp", "--fsdp-teacher"], out, out.parent)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "2 processes" in res.stdout and res.stdout.count("step     4/4 | rkl") == 1
+    nodes = two_nodes(fsdp_cli(files) + ["--fsdp", "--fsdp-teacher"], out, out.parent)
+    assert all(code == 0 for code, _, _ in nodes), [err[-3000:] for _, _, err in nodes]
+    stdout = "".join(o for _, o, _ in nodes)  # rank 0 alone prints, whichever node it is on
+    assert stdout.count("2 processes") == 1 and stdout.count("step     4/4 | rkl") == 1
     return out
 
 
