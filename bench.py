@@ -439,6 +439,14 @@ atexit.register(peak)
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
+LOAD_SCRIPT = """import sys
+import minillm as M
+args = M.parse_args(sys.argv[1:])
+M.init_distributed(args)
+tok = M.load_tokenizer(args.student)
+model = M.wrap_model(M.load_trained(None, args.student, args, len(tok)), args, M.resolve_dtype(args))  # loaded and sharded
+M.barrier()
+"""
 # glibc's malloc raises its mmap threshold each time a large block is freed (up to 32 MB), after which FSDP's
 # per-block all-gather and gradient buffers come from the heap and their freed memory stays counted in the RSS:
 # measured, 3.6 GB per rank where 2.2 GB is live. A fixed threshold makes the RSS follow what is live, in the one
@@ -450,7 +458,9 @@ def fsdp_memory(root):
     """Two SFT steps of a ~160M Llama-shaped student (FSDP_BIG): peak RSS of one process, and of each rank of
     `torchrun --nproc_per_node=2 ... --fsdp`; from each, the same run's peak with a tiny model (FSDP_TINY) is
     subtracted, which leaves what the model costs (weights, gradients, AdamW moments, activations) without the
-    fixed cost of torch and transformers. Sharding weights, gradients and moments should give each rank about half."""
+    fixed cost of torch and transformers. Sharding weights, gradients and moments should give each rank about half.
+    The same for loading alone (LOAD_SCRIPT: the student loaded and sharded, as a stage starts): the peak that every
+    rank used to pay in host memory for the whole model, which decides whether a large model loads at all."""
     import subprocess
     from pathlib import Path
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -460,8 +470,9 @@ def fsdp_memory(root):
     rows = [{"instruction": f"say the {w}", "input": "", "output": f"the {w} sat on the mat"} for w in ["cat", "dog", "mat"] * 4]
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "shim.py").write_text(RSS_SHIM)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **MALLOC_ENV)
+    (root / "load.py").write_text(LOAD_SCRIPT)
     here = Path(__file__).resolve().parent
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(here), **MALLOC_ENV)
     peaks = {}
     for size, cfg in [("big", FSDP_BIG), ("tiny", FSDP_TINY)]:
         torch.manual_seed(0)
@@ -473,23 +484,29 @@ def fsdp_memory(root):
         cli = [str(here / "minillm.py"), "--method", "sft", "--student", str(root / size), "--teacher", str(root / size),
                "--data", str(root / "data.jsonl"), "--val-size", "4", "--student-epochs", "1", "--sft-max-steps", "2",
                "--sft-batch-size", "4", "--sft-micro-batch-size", "2", "--device", "cpu", "--save-interval", "0"]
-        for kind, launch, extra in [("one", [sys.executable, str(root / "shim.py")], []),
-                                    ("fsdp", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                                              "--standalone", str(root / "shim.py")], ["--fsdp"])]:
-            out = root / f"{size}-{kind}"
-            res = subprocess.run(launch + cli + extra + ["--out", str(out)], env=dict(env, RSS_OUT=str(out) + ".rss"),
-                                 capture_output=True, text=True, cwd=root)
+        runs = [(phase, kind, launch, extra) for phase in ["sft", "load"]
+                for kind, launch, extra in [("one", [sys.executable, str(root / "shim.py")], []),
+                                            ("fsdp", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                                      "--standalone", str(root / "shim.py")], ["--fsdp"])]]
+        for phase, kind, launch, extra in runs:  # load: only load the student (and shard it), as a stage starts
+            out = root / f"{size}-{kind}-{phase}"
+            script = str(here / "minillm.py") if phase == "sft" else str(root / "load.py")
+            res = subprocess.run(launch + [script] + cli[1:] + extra + ["--out", str(out)],
+                                 env=dict(env, RSS_OUT=str(out) + ".rss"), capture_output=True, text=True, cwd=root)
             if res.returncode:
-                raise RuntimeError(f"{size} {kind}: {res.stderr[-2000:]}")
-            peaks[size, kind] = [int(Path(f"{out}.rss.{r}").read_text()) for r in range(2 if kind == "fsdp" else 1)]
+                raise RuntimeError(f"{size} {kind} {phase}: {res.stderr[-2000:]}")
+            peaks[size, kind, phase] = [int(Path(f"{out}.rss.{r}").read_text()) for r in range(2 if kind == "fsdp" else 1)]
         if size == "big":
             big_params = params
-    one = peaks["big", "one"][0] - peaks["tiny", "one"][0]
-    ranks = [b - t for b, t in zip(peaks["big", "fsdp"], peaks["tiny", "fsdp"])]
-    return {"params": big_params, "world": 2, "one_process_extra_bytes": one, "rank_extra_bytes": ranks,
-            "rank_vs_one_process": [r / one for r in ranks], "target": "<= 0.70 on every rank",
-            "peak_rss_bytes": {f"{s}_{k}": v for (s, k), v in peaks.items()},
-            "how": "peak RSS (VmHWM) of each process of two SFT steps, minus the same run's with a tiny model; "
+    res = {"params": big_params, "world": 2, "target": "<= 0.70 on every rank (sft)",
+           "peak_rss_bytes": {f"{s}_{k}_{ph}": v for (s, k, ph), v in peaks.items()}}
+    for phase in ["sft", "load"]:
+        one = peaks["big", "one", phase][0] - peaks["tiny", "one", phase][0]
+        ranks = [b - t for b, t in zip(peaks["big", "fsdp", phase], peaks["tiny", "fsdp", phase])]
+        res[phase] = {"one_process_extra_bytes": one, "rank_extra_bytes": ranks, "rank_vs_one_process": [r / one for r in ranks]}
+    return {**res,
+            "how": "peak RSS (VmHWM) of each process (sft: two SFT steps; load: loading and sharding the student), "
+                   "minus the same run's with a tiny model; "
                    f"glibc malloc with {MALLOC_ENV} (see MALLOC_ENV)"}
 
 
@@ -502,10 +519,12 @@ def main(argv=None):
             print(json.dumps(res))
         else:
             m = res["fsdp_memory"]
-            print(f"--fsdp memory, {m['params'] / 1e6:.0f}M parameters, world 2 (gloo, CPU): one process +"
-                  f"{m['one_process_extra_bytes'] / 1e9:.2f} GB; ranks " + ", ".join(
-                      f"+{b / 1e9:.2f} GB ({r:.2f}×)" for b, r in zip(m["rank_extra_bytes"], m["rank_vs_one_process"]))
-                  + f" (target {m['target']})")
+            for phase, what in [("sft", "two SFT steps"), ("load", "loading only")]:
+                f = m[phase]
+                print(f"--fsdp memory, {m['params'] / 1e6:.0f}M parameters, world 2 (gloo, CPU), {what}: one process +"
+                      f"{f['one_process_extra_bytes'] / 1e9:.2f} GB; ranks " + ", ".join(
+                          f"+{b / 1e9:.2f} GB ({r:.2f}×)" for b, r in zip(f["rank_extra_bytes"], f["rank_vs_one_process"])))
+            print(f"target: {m['target']}")
         return res
     device = a.device
     if a.shapes == "paper" and not device.startswith("cuda"):

@@ -1928,9 +1928,10 @@ def params_on_meta():
 
 def checkpoint_reader(name, model, trust_remote_code=False):
     """Rank 0: key -> that tensor of the checkpoint `name` (a folder or a hub name), for every key of the model's
-    state dict. Read lazily from its safetensors files (safe_open maps the file; one tensor is read at a time) when
-    they hold every weight under the model's names (or without its base-model prefix, as the hub's gpt2); else (a
-    .bin or GGUF checkpoint, renamed weights) from the whole model, loaded by from_pretrained on this rank alone."""
+    state dict. Read one tensor at a time from its safetensors files when they hold every weight under the model's
+    names (or without its base-model prefix, as the hub's gpt2); each read maps the file and unmaps it after, so
+    the pages read do not pile up in this rank's memory. Else (a .bin or GGUF checkpoint, renamed weights) from the
+    whole model, loaded by from_pretrained on this rank alone."""
     from safetensors import safe_open
     names = {}  # every name of each tensor: a tied weight may be stored under either
     for key, t in model.state_dict(keep_vars=True).items():
@@ -1939,10 +1940,10 @@ def checkpoint_reader(name, model, trust_remote_code=False):
     try:
         folder = Path(name) if Path(name).is_dir() else Path(__import__("huggingface_hub").snapshot_download(
             name, allow_patterns=["*.safetensors", "*.safetensors.index.json", "config.json"]))
-        where = {}  # checkpoint key -> its open file
+        where = {}  # checkpoint key -> its file
         for f in sorted(folder.glob("*.safetensors")):
-            st = safe_open(str(f), framework="pt")
-            where.update((k, st) for k in st.keys())
+            with safe_open(str(f), framework="pt") as st:
+                where.update((k, str(f)) for k in st.keys())
         prefix = getattr(model, "base_model_prefix", "") + "."
         found = {}
         for key in aliases:
@@ -1950,7 +1951,11 @@ def checkpoint_reader(name, model, trust_remote_code=False):
             if not hit:
                 raise KeyError(key)
             found[key] = hit[0]
-        return lambda key: where[found[key]].get_tensor(found[key])
+
+        def read(key):
+            with safe_open(where[found[key]], framework="pt") as st:
+                return st.get_tensor(found[key])
+        return read
     except Exception:  # noqa: BLE001  (no usable safetensors: from_pretrained reads whatever the checkpoint is)
         whole = load_model(name, "cpu", next(model.parameters()).dtype, trust_remote_code).state_dict()
         return whole.__getitem__
