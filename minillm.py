@@ -1895,7 +1895,7 @@ def shard(model, device, dtype=torch.float32, frozen=False):
         die(f"--fsdp: cannot find the transformer blocks of {type(model).__name__} (its _no_split_modules is empty)")
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=True if frozen else None)  # None: FSDP2's default
+    fully_shard(model, mesh=mesh, mp_policy=mp, **({"reshard_after_forward": True} if frozen else {}))
     return model
 
 
