@@ -82,6 +82,9 @@ def parse_args(argv=None):
                    help="CPU only: torch threads (default 1: on a small shared machine, 2 OpenMP threads wait on each other "
                         "whenever another process takes a core, which inflates ops-heavy decode loops; 0 = torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fsdp-memory", action="store_true",
+                   help="instead: peak RSS per rank of 2-rank --fsdp SFT against one process (gloo, CPU; ~5 minutes, "
+                        "~5 GB of memory at once)")
     return p.parse_args(argv)
 
 
@@ -418,8 +421,115 @@ def memory_table():
     return {name: memory_plan(t, s, v) for name, (t, s, v) in PAIRS.items()}
 
 
+# ----------------------------------------------------------------------------------------------------
+# 6. --fsdp memory: peak RSS per rank of two sharded ranks against one whole process (gloo, CPU).
+
+# ~160M parameters, Llama-shaped (untied head): 2 × 32000 × 768 embeddings and head + 16 blocks of 7.1M. fp32 weights
+# 0.65 GB; with gradients and AdamW moments 2.6 GB, what a rank of 2 should hold half of.
+FSDP_BIG = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=12,
+                num_key_value_heads=12, vocab_size=32000, max_position_embeddings=256)
+FSDP_TINY = dict(FSDP_BIG, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=2, vocab_size=128)
+
+RSS_SHIM = """import atexit, os, runpy, sys
+def peak():  # VmHWM: the peak RSS of this address space (ru_maxrss would also count the launcher's, kept across exec)
+    hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")][0]
+    open(os.environ["RSS_OUT"] + "." + os.environ.get("RANK", "0"), "w").write(str(int(hwm.split()[1]) * 1024))
+atexit.register(peak)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+LOAD_SCRIPT = """import sys
+import minillm as M
+args = M.parse_args(sys.argv[1:])
+M.init_distributed(args)
+tok = M.load_tokenizer(args.student)
+model = M.wrap_model(M.load_trained(None, args.student, args, len(tok)), args, M.resolve_dtype(args))  # loaded and sharded
+M.barrier()
+"""
+# glibc's malloc raises its mmap threshold each time a large block is freed (up to 32 MB), after which FSDP's
+# per-block all-gather and gradient buffers come from the heap and their freed memory stays counted in the RSS:
+# measured, 3.6 GB per rank where 2.2 GB is live. A fixed threshold makes the RSS follow what is live, in the one
+# process and in the ranks alike. (On a GPU the caching allocator decides instead; this is the CPU's proxy.)
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+
+
+def fsdp_memory(root):
+    """Two SFT steps of a ~160M Llama-shaped student (FSDP_BIG): peak RSS of one process, and of each rank of
+    `torchrun --nproc_per_node=2 ... --fsdp`; from each, the same run's peak with a tiny model (FSDP_TINY) is
+    subtracted, which leaves what the model costs (weights, gradients, AdamW moments, activations) without the
+    fixed cost of torch and transformers. Sharding weights, gradients and moments should give each rank about half.
+    The same for loading alone (LOAD_SCRIPT: the student loaded and sharded, as a stage starts): the peak that every
+    rank used to pay in host memory for the whole model, which decides whether a large model loads at all."""
+    import subprocess
+    from pathlib import Path
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from test_minillm import word_tokenizer as words  # noqa: PLC0415  (the tests' offline tokenizer)
+    root = Path(root)
+    tok = words()
+    rows = [{"instruction": f"say the {w}", "input": "", "output": f"the {w} sat on the mat"} for w in ["cat", "dog", "mat"] * 4]
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "shim.py").write_text(RSS_SHIM)
+    (root / "load.py").write_text(LOAD_SCRIPT)
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(here), **MALLOC_ENV)
+    peaks = {}
+    for size, cfg in [("big", FSDP_BIG), ("tiny", FSDP_TINY)]:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**cfg, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+        params = sum(p.numel() for p in model.parameters())
+        model.save_pretrained(root / size)
+        tok.save_pretrained(root / size)
+        del model
+        cli = [str(here / "minillm.py"), "--method", "sft", "--student", str(root / size), "--teacher", str(root / size),
+               "--data", str(root / "data.jsonl"), "--val-size", "4", "--student-epochs", "1", "--sft-max-steps", "2",
+               "--sft-batch-size", "4", "--sft-micro-batch-size", "2", "--device", "cpu", "--save-interval", "0"]
+        one = ("one", [sys.executable, str(root / "shim.py")], [])
+        fsdp = ("fsdp", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                         str(root / "shim.py")], ["--fsdp"])
+        runs = [("sft", *one), ("sft", *fsdp), ("load", *fsdp)]
+        for phase, kind, launch, extra in runs:  # load: only load the student (and shard it), as a stage starts
+            out = root / f"{size}-{kind}-{phase}"
+            script = str(here / "minillm.py") if phase == "sft" else str(root / "load.py")
+            res = subprocess.run(launch + [script] + cli[1:] + extra + ["--out", str(out)],
+                                 env=dict(env, RSS_OUT=str(out) + ".rss"), capture_output=True, text=True, cwd=root)
+            if res.returncode:
+                raise RuntimeError(f"{size} {kind} {phase}: {res.stderr[-2000:]}")
+            peaks[size, kind, phase] = [int(Path(f"{out}.rss.{r}").read_text()) for r in range(2 if kind == "fsdp" else 1)]
+        if size == "big":
+            big_params = params
+    res = {"params": big_params, "world": 2, "target": "<= 0.70 on every rank (sft)",
+           "peak_rss_bytes": {f"{s}_{k}_{ph}": v for (s, k, ph), v in peaks.items()}}
+    one = peaks["big", "one", "sft"][0] - peaks["tiny", "one", "sft"][0]
+    ranks = [b - t for b, t in zip(peaks["big", "fsdp", "sft"], peaks["tiny", "fsdp", "sft"])]
+    res["sft"] = {"one_process_extra_bytes": one, "rank_extra_bytes": ranks, "rank_vs_one_process": [r / one for r in ranks]}
+    # loading alone is not compared with one process: from_pretrained maps the safetensors file and reads a page
+    # only when it is used, so one process that only loads holds almost nothing yet
+    ranks = [b - t for b, t in zip(peaks["big", "fsdp", "load"], peaks["tiny", "fsdp", "load"])]
+    res["load"] = {"rank_extra_bytes": ranks, "rank_vs_fp32_weights": [r / (4 * big_params) for r in ranks]}
+    return {**res,
+            "how": "peak RSS (VmHWM) of each process (sft: two SFT steps; load: loading and sharding the student), "
+                   "minus the same run's with a tiny model; "
+                   f"glibc malloc with {MALLOC_ENV} (see MALLOC_ENV)"}
+
+
 def main(argv=None):
     a = parse_args(argv)
+    if a.fsdp_memory:
+        with tempfile.TemporaryDirectory() as root:
+            res = {"fsdp_memory": fsdp_memory(root)}
+        if a.json:
+            print(json.dumps(res))
+        else:
+            m = res["fsdp_memory"]
+            f, ld = m["sft"], m["load"]
+            print(f"--fsdp memory, {m['params'] / 1e6:.0f}M parameters, world 2 (gloo, CPU), two SFT steps: one process +"
+                  f"{f['one_process_extra_bytes'] / 1e9:.2f} GB; ranks " + ", ".join(
+                      f"+{b / 1e9:.2f} GB ({r:.2f}×)" for b, r in zip(f["rank_extra_bytes"], f["rank_vs_one_process"]))
+                  + f" (target {m['target']})")
+            print("loading and sharding alone: ranks " + ", ".join(
+                f"+{b / 1e9:.2f} GB ({r:.2f}× the fp32 weights)" for b, r in zip(ld["rank_extra_bytes"], ld["rank_vs_fp32_weights"])))
+        return res
     device = a.device
     if a.shapes == "paper" and not device.startswith("cuda"):
         print("warning: paper shapes on the CPU will take hours; they are meant for --device cuda", file=sys.stderr)

@@ -1537,19 +1537,51 @@ def load_model(name, device, dtype=torch.float32, trust_remote_code=False, vocab
 
 def load_trained(resume, init, args, vocab_size=None):
     """The model a stage trains, in fp32 (master weights): from its resume checkpoint when that holds the weights
-    whole (one process, DDP), else from `init`: an --fsdp checkpoint holds shards, which load_train_state reads once
-    the model is sharded. --fsdp loads on the CPU: fully_shard moves each rank's shard to its device."""
-    whole = resume is not None and not (Path(resume) / "dcp").exists()
-    return load_model(str(resume) if whole else init, "cpu" if args.fsdp else args.device, torch.float32, args.trust_remote_code,
+    whole (one process, DDP), else from `init`. --fsdp: sharded as it loads (load_sharded); an --fsdp checkpoint
+    holds shards, which load_train_state reads into the sharded model, so `init` is not read at all then."""
+    sharded = resume is not None and (Path(resume) / "dcp").exists()
+    if args.fsdp:
+        return load_sharded(init, args, resolve_dtype(args), torch.float32, vocab_size, read=not sharded)
+    return load_model(str(resume) if resume and not sharded else init, args.device, torch.float32, args.trust_remote_code,
                       vocab_size)
 
 
 def load_teacher(path, args, dtype, vocab_size=None):
-    """The frozen teacher p in the compute dtype, in eval mode: whole on every rank, or (--fsdp-teacher) loaded on
-    the CPU and sharded, each rank keeping its shard on its device."""
-    teacher = load_model(path, "cpu" if args.fsdp_teacher else args.device, dtype, args.trust_remote_code, vocab_size)
-    teacher = teacher.eval().requires_grad_(False)
-    return shard(teacher, args.device, dtype) if args.fsdp_teacher else teacher
+    """The frozen teacher p in the compute dtype, in eval mode: whole on every rank, or (--fsdp-teacher) sharded as
+    it loads (load_sharded), each rank holding 1/K of it."""
+    if args.fsdp_teacher:
+        return load_sharded(path, args, dtype, dtype, vocab_size, frozen=True)
+    return load_model(path, args.device, dtype, args.trust_remote_code, vocab_size).eval().requires_grad_(False)
+
+
+def load_sharded(name, args, dtype, param_dtype, vocab_size=None, frozen=False, read=True):
+    """--fsdp: a model that holds 1/K of its weights on each rank from the first byte. Every rank builds it with
+    its parameters on the meta device (no memory; params_on_meta) and shards it; rank 0 alone reads the checkpoint,
+    one tensor at a time, and every rank keeps its shard of each (fill_shards). Today's 70B teacher on one node of 8
+    GPUs: one read of 140 GB, not 8 copies in host memory. The shards are then on args.device, in `param_dtype`
+    (fp32 master weights for a trained model); `dtype` is the compute dtype (shard). frozen: a teacher, in eval mode
+    with no gradients. read=False: the shards are left unset (a DCP checkpoint is about to fill them)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    config = load_config(name, args.trust_remote_code)
+    with params_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=param_dtype, trust_remote_code=args.trust_remote_code)
+    if vocab_size and vocab_size > n_logits(model):
+        die(f"{name} has {n_logits(model)} logits but its tokenizer {vocab_size} tokens; resize its embeddings "
+            "(model.resize_token_embeddings) or use the tokenizer it was trained with")
+    try:  # as from_pretrained does: the checkpoint's generation settings, saved again with the model
+        model.generation_config = GenerationConfig.from_pretrained(name)
+    except OSError:
+        pass
+    fp32_head(model, vocab_size).eval().requires_grad_(not frozen)
+    buffers = {k: b.clone() for k, b in model.named_buffers()}  # computed from the config (rotary inv_freq): in no checkpoint
+    shard(model, args.device, dtype, frozen)
+    model.to_empty(device=args.device)  # this rank's shards, uninitialised
+    with torch.no_grad():
+        for k, b in buffers.items():
+            model.get_buffer(k).copy_(b)
+    if read:
+        fill_shards(model, checkpoint_reader(name, model, args.trust_remote_code) if is_main() else None)
+    return model
 
 
 def check_same_vocab(tok_t, tok_s, vt, vs):
@@ -1948,10 +1980,13 @@ def grad_sync(model, last):
 # freed after, gradients are reduce-scattered. Every forward is therefore a collective: all ranks must run
 # the same forwards, which is why eval_loss, sft_backward and the samplers keep the ranks in step.
 
-def shard(model, device, dtype=torch.float32):
+def shard(model, device, dtype=torch.float32, frozen=False):
     """fully_shard each transformer block (the model's _no_split_modules), then the root (embeddings, final norm,
     LM head). The sharded parameters keep their dtype (fp32 master weights for a trained model); with dtype bf16
-    the all-gathered copy the forward uses is bf16 and gradients are reduced in fp32."""
+    the all-gathered copy the forward uses is bf16 and gradients are reduced in fp32.
+    frozen (the teacher): the root is resharded after every forward too. FSDP2 keeps a root unit gathered after
+    its forward, since a backward follows at once; a teacher has no backward, and would keep its embeddings and
+    LM head whole on every rank (V × d: 1.2 GB of Llama-3-70B's bf16) for the rest of the run."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(torch.device(device).type, (world(),))
@@ -1962,13 +1997,89 @@ def shard(model, device, dtype=torch.float32):
         die(f"--fsdp: cannot find the transformer blocks of {type(model).__name__} (its _no_split_modules is empty)")
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp, **({"reshard_after_forward": True} if frozen else {}))
     return model
 
 
 def wrap_model(model, args, dtype):
-    """The trained model across processes: sharded in place (--fsdp) or wrapped by DDP; one process: itself."""
-    return shard(model, args.device, dtype) if args.fsdp else wrap_ddp(model, args.device)
+    """The trained model across processes: sharded (--fsdp: already, by load_sharded) or wrapped by DDP; one process:
+    itself."""
+    if args.fsdp:
+        return model if is_fsdp(model) else shard(model, args.device, dtype)
+    return wrap_ddp(model, args.device)
+
+
+@contextmanager
+def params_on_meta():
+    """Build a model with its parameters on the meta device: shapes only, no memory, and their random init costs
+    nothing. Buffers are built as usual, on the CPU: the non-persistent ones (rotary inv_freq, Gemma's embedding
+    scale, causal masks) are functions of the config, in no checkpoint, and must be right. A parameter already on
+    the meta device is kept as it is, so that tied weights (GPT-2's head is its embedding) stay one parameter."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def checkpoint_reader(name, model, trust_remote_code=False):
+    """Rank 0: key -> that tensor of the checkpoint `name` (a folder or a hub name), for every key of the model's
+    state dict. Read one tensor at a time from its safetensors files when they hold every weight under the model's
+    names (or without its base-model prefix, as the hub's gpt2); each read maps the file and unmaps it after, so
+    the pages read do not pile up in this rank's memory. Else (a .bin or GGUF checkpoint, renamed weights) from the
+    whole model, loaded by from_pretrained on this rank alone."""
+    from safetensors import safe_open
+    names = {}  # every name of each tensor: a tied weight may be stored under either
+    for key, t in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(t), []).append(key)
+    aliases = {k: v for v in names.values() for k in v}
+    try:
+        folder = Path(name) if Path(name).is_dir() else Path(__import__("huggingface_hub").snapshot_download(
+            name, allow_patterns=["*.safetensors", "*.safetensors.index.json", "config.json"]))
+        where = {}  # checkpoint key -> its file
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as st:
+                where.update((k, str(f)) for k in st.keys())
+        prefix = getattr(model, "base_model_prefix", "") + "."
+        found = {}
+        for key in aliases:
+            hit = [k for a in aliases[key] for k in (a, a.removeprefix(prefix)) if k in where]
+            if not hit:
+                raise KeyError(key)
+            found[key] = hit[0]
+
+        def read(key):
+            with safe_open(where[found[key]], framework="pt") as st:
+                return st.get_tensor(found[key])
+        return read
+    except Exception:  # noqa: BLE001  (no usable safetensors: from_pretrained reads whatever the checkpoint is)
+        whole = load_model(name, "cpu", next(model.parameters()).dtype, trust_remote_code).state_dict()
+        return whole.__getitem__
+
+
+def fill_shards(model, read):
+    """Every rank: each tensor of the sharded model's state dict in turn is read by rank 0 (`read`; None on the other
+    ranks), broadcast, and cut to this rank's shard. No rank holds more than its shards and one whole tensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    seen = set()
+    with torch.no_grad():
+        for key, local in model.state_dict(keep_vars=True).items():
+            if id(local) in seen:  # a tied weight: one parameter, filled once
+                continue
+            seen.add(id(local))
+            full = read(key).to(comm_device(), local.dtype) if is_main() else torch.empty(local.shape, dtype=local.dtype,
+                                                                                         device=comm_device())
+            assert full.shape == local.shape, f"{key}: {tuple(full.shape)} in the checkpoint, {tuple(local.shape)} in the model"
+            torch.distributed.broadcast(full, 0)
+            if isinstance(local, DTensor):  # this rank's shard, cut as fully_shard cut it (no communication)
+                full, local = distribute_tensor(full, local.device_mesh, local.placements, src_data_rank=None).to_local(), local.to_local()
+            local.copy_(full)
 
 
 def is_fsdp(model):

@@ -32,20 +32,28 @@ def fsdp_cli(f, **kw):
     return cli(f, **args) + ["--skip-teacher-sft"]
 
 
-def torchrun(args, out, cwd):
+def two_nodes(args, out, cwd):
+    """The run as two machines start it: two torchrun launchers (--nnodes 2, one process each) that meet through
+    c10d rendezvous at node 0's address. Both see one run folder (here, the same disk; across machines, a shared file
+    system). Returns both launchers' (exit code, stdout, stderr)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(HERE / "minillm.py"), *args, "--out", str(out)]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    port, logs = free_port(), [(Path(cwd) / f"node{n}.out", Path(cwd) / f"node{n}.err") for n in range(2)]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={n}",
+                               "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}",
+                               "--rdzv-id=minillm", str(HERE / "minillm.py"), *args, "--out", str(out)],
+                              cwd=cwd, env=env, stdout=open(o, "w"), stderr=open(e, "w")) for n, (o, e) in enumerate(logs)]
+    return [(p.wait(timeout=300), o.read_text(), e.read_text()) for p, (o, e) in zip(nodes, logs)]
 
 
 @pytest.fixture(scope="module")
 def sharded_run(files, tmp_path_factory):
-    """One uninterrupted 2-rank run, student and teacher sharded; the reference of both torchrun tests."""
+    """One uninterrupted 2-rank run, student and teacher sharded, launched as two nodes of one process each; the
+    reference of both tests below (which compare it with one process, and with a 2-rank run killed and resumed)."""
     out = tmp_path_factory.mktemp("fsdp") / "run"
-    res = torchrun(fsdp_cli(files) + ["--fsdp", "--fsdp-teacher"], out, out.parent)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "2 processes" in res.stdout and res.stdout.count("step     4/4 | rkl") == 1
+    nodes = two_nodes(fsdp_cli(files) + ["--fsdp", "--fsdp-teacher"], out, out.parent)
+    assert all(code == 0 for code, _, _ in nodes), [err[-3000:] for _, _, err in nodes]
+    stdout = "".join(o for _, o, _ in nodes)  # rank 0 alone prints, whichever node it is on
+    assert stdout.count("2 processes") == 1 and stdout.count("step     4/4 | rkl") == 1
     return out
 
 
@@ -133,3 +141,72 @@ def test_consolidated_checkpoint_equals_the_sharded_weights(tmp_path):
     assert loaded.lm_head.weight is loaded.transformer.wte.weight  # still tied
     assert not torch.equal(whole["transformer.wte.weight"], tiny_gpt2(30, 7, n_layer=2).transformer.wte.weight)
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading: 1/K of the model per rank from the first byte, the checkpoint read by rank 0 alone
+
+def checkpoints(root):
+    """A tiny model of every family (rotary buffers: Llama, Qwen2, Gemma 2; tied head: GPT-2; Qwen2's padded head
+    sliced to the tokenizer's 300 rows), GPT-2 saved as the hub's gpt2 is (no 'transformer.' prefix), and one
+    pytorch_model.bin (no safetensors: rank 0 falls back to from_pretrained). name -> (folder, vocab_size)."""
+    from test_families import family
+    out = {}
+    for name in ["gpt2", "opt", "llama", "qwen2", "gemma2"]:
+        family(name, 304 if name == "qwen2" else 300, seed=3).save_pretrained(root / name)
+        out[name] = (str(root / name), 300)
+    family("gpt2", 300, seed=4).transformer.save_pretrained(root / "gpt2-base")  # keys h.0.attn..., as on the hub
+    out["gpt2-base"] = (str(root / "gpt2-base"), None)
+    family("llama", 300, seed=5).save_pretrained(root / "llama-bin", safe_serialization=False)
+    out["llama-bin"] = (str(root / "llama-bin"), None)
+    return out
+
+
+def load_worker(rank, port, ckpts, out):
+    """Both ranks load every checkpoint sharded and run one forward; on rank 1 anything that reads weights raises."""
+    from argparse import Namespace
+    from torch.distributed.tensor import DTensor
+    import safetensors
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    if rank == 1:
+        def no(*a, **k):
+            raise AssertionError("rank 1 read the checkpoint")
+        M.checkpoint_reader = M.load_model = safetensors.safe_open = no
+        AutoModelForCausalLM.from_pretrained = no
+    x = torch.randint(0, 300, (2, 7), generator=torch.Generator().manual_seed(0))
+    logits, report = {}, {}
+    for name, (path, vocab) in ckpts.items():
+        for frozen in [False, True]:
+            model = M.load_sharded(path, Namespace(device="cpu", trust_remote_code=False), torch.float32, torch.float32,
+                                   vocab, frozen=frozen)
+            with torch.no_grad():
+                logits[name, frozen] = model(input_ids=x).logits
+            head, emb = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+            report[name, frozen] = dict(tied=head is emb, root_sharded=isinstance(emb, DTensor), training=model.training,
+                                        grad=any(p.requires_grad for p in model.parameters()))
+    torch.save(dict(logits=logits, report=report), Path(out) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_sharded_load_reads_the_checkpoint_on_rank_0_only_and_equals_from_pretrained(tmp_path):
+    """--fsdp loading (load_sharded): built on the meta device, the checkpoint read by rank 0 alone (rank 1 cannot
+    read: its readers raise), each tensor broadcast and cut into shards. Every family's sharded logits equal the
+    whole model's from from_pretrained (so the rotary buffers rebuilt after meta init are right), GPT-2's head stays
+    tied, the hub's prefix-less GPT-2 keys and a .bin checkpoint load too, and a frozen teacher's root unit is
+    resharded after its forward (a trained model's, as FSDP2 does, is not: its backward follows)."""
+    ckpts = checkpoints(tmp_path)
+    torch.multiprocessing.start_processes(load_worker, args=(free_port(), ckpts, str(tmp_path)), nprocs=2, start_method="fork")
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    x = torch.randint(0, 300, (2, 7), generator=torch.Generator().manual_seed(0))
+    for name, (path, vocab) in ckpts.items():
+        whole = M.load_model(path, "cpu", vocab_size=vocab).eval()
+        tied = whole.get_output_embeddings().weight is whole.get_input_embeddings().weight  # GPT-2, OPT, Gemma 2
+        with torch.no_grad():
+            ref = whole(input_ids=x).logits
+        for frozen in [False, True]:
+            for r in (r0, r1):
+                assert torch.allclose(r["logits"][name, frozen], ref, atol=1e-5, rtol=0), (name, frozen)
+            assert r0["report"][name, frozen] == r1["report"][name, frozen] == dict(
+                tied=tied, root_sharded=frozen, training=False, grad=not frozen), (name, frozen)
