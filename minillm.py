@@ -1074,7 +1074,7 @@ def check_hub_names(args):
         try:
             cached = in_hub_cache(name, kind)
         except errors.HFValidationError:
-            missing.setdefault("not a local path, nor a valid hub name", []).append(f"{flag} {name!r}")
+            missing.setdefault("not a local path, nor a valid hub name", []).append(f"{name!r} ({flag})")
             continue
         why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
         if not (offline or reachable is False or (cached and reachable)):
@@ -1083,7 +1083,7 @@ def check_hub_names(args):
             except Exception as e:  # no network, DNS, a timeout, a proxy: whatever the HTTP client raises
                 reachable, error = False, f" ({type(e).__name__}: {first_line(e)[:100]})"
         if not cached and why:
-            missing.setdefault(f"not a local path, not in the local cache, and {why}", []).append(f"{flag} {name!r}")
+            missing.setdefault(f"not a local path, not in the local cache, and {why}", []).append(f"{name!r} ({flag})")
     if missing:
         die(f"cannot load {'; '.join(', '.join(names) + ': ' + why for why, names in missing.items())}{error}. To fix: "
             f"connect to the network{' and unset HF_HUB_OFFLINE' if offline else ''}, or download each once (`hf download "
