@@ -980,6 +980,7 @@ def run(args):
           + (f" | {world()} processes" if world() > 1 else ""))
 
     # Every input is checked before the run folder is touched (errors: one line, exit status 2).
+    check_hub_names(args)  # every hub name at once, before anything is loaded: one message names all that are missing
     tok = load_tokenizer(args.student, args.trust_remote_code, args.template)
     records = load_records(args.data, required=("instruction", "output"))
     if len(records) <= args.val_size:
@@ -993,6 +994,7 @@ def run(args):
     check_world(args, len(train))
     check_positions(args, train + val)
     check_pt_data(args, tok)
+    warn_slow_stages(args, train)  # one line per stage that would take days on this device
     prepare_out(out, args)  # refuses a folder that holds a run with other arguments; saves args.json
 
     # (a) teacher SFT (every method but plain SFT needs the teacher)
@@ -1083,6 +1085,146 @@ def check_positions(args, examples):
             if limit and n > limit:
                 die(f"{name} has {limit} positions and {flag} asks for sequences of {n} tokens; lower {flag} "
                     f"(or --max-prompt-len)")
+
+
+def hub_names(args):
+    """(flag, name, repo type) of every hub name this run will load; local files and folders are checked elsewhere."""
+    names = ([("--teacher", args.teacher, "model")] if args.method != "sft" else []) + [("--student", args.student, "model"),
+             ("--data", args.data, "dataset")] + ([("--pt-data", args.pt_data, "dataset")] if uses_pt(args) else [])
+    return [n for n in names if not os.path.exists(n[1]) and not looks_like_a_path(n[1])]
+
+
+def check_hub_names(args):
+    """Every hub name is looked up before anything is loaded, and all that cannot be had are named in one message.
+    Each is looked for in the local cache and asked of the hub once, with a timeout and no retries (the hub
+    libraries retry an unreachable host for about a minute per file); once the hub is unreachable it is asked
+    nothing more, and if everything is cached the run reads the cache alone."""
+    from huggingface_hub import constants, errors
+    offline, reachable, error, missing = constants.HF_HUB_OFFLINE, None, "", {}  # missing: why -> the names
+    for flag, name, kind in hub_names(args):
+        try:
+            cached = in_hub_cache(name, kind)
+        except errors.HFValidationError:
+            missing.setdefault("not a local path, nor a valid hub name", []).append(f"{name!r} ({flag})")
+            continue
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
+        if not (offline or reachable is False or (cached and reachable)):
+            try:
+                why, reachable = hub_lookup(name, kind), True
+            except Exception as e:  # no network, DNS, a timeout, a proxy: whatever the HTTP client raises
+                reachable, error = False, f" ({type(e).__name__}: {first_line(e)[:100]})"
+        if not cached and why:
+            missing.setdefault(f"not a local path, not in the local cache, and {why}", []).append(f"{name!r} ({flag})")
+    if missing:
+        die(f"cannot load {'; '.join(', '.join(names) + ': ' + why for why, names in missing.items())}{error}. To fix: "
+            f"connect to the network{' and unset HF_HUB_OFFLINE' if offline else ''}, or download each once (`hf download "
+            "NAME`, adding `--repo-type dataset` for data; older huggingface_hub: `huggingface-cli download NAME`), or give "
+            "a local folder or .jsonl file in its place. `python demo.py` runs the whole method offline")
+    if reachable is False:  # everything is cached: read it without asking the hub again (and again)
+        print(f"the hub cannot be reached{error}; every model and dataset is in the local cache: reading it alone, as "
+              "HF_HUB_OFFLINE=1 does")
+        read_cache_only()
+
+
+def hub_lookup(name, kind):
+    """None if the hub has `name`, else why not. One request, a timeout, no retries; no answer raises."""
+    from huggingface_hub import HfApi, errors
+    try:
+        HfApi().repo_info(name, repo_type=kind, timeout=10)
+    except errors.GatedRepoError:
+        return "it is gated on the hub: accept its terms on its page, then `hf auth login`"
+    except errors.RepositoryNotFoundError:
+        return f"the hub has no such {kind} (a private one needs `hf auth login`)"
+
+
+def in_hub_cache(name, kind):
+    """Downloaded before? A model needs its config.json in the hub cache; a dataset its snapshot there, or the
+    prepared copy `datasets` keeps in its own cache."""
+    from huggingface_hub import snapshot_download, try_to_load_from_cache
+    if kind == "model":
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    try:
+        return bool(snapshot_download(name, repo_type="dataset", local_files_only=True))
+    except (OSError, ValueError):  # LocalEntryNotFoundError: no snapshot in the hub cache
+        import datasets
+        return (Path(datasets.config.HF_DATASETS_CACHE) / name.replace("/", "___")).exists()
+
+
+def read_cache_only():
+    """What HF_HUB_OFFLINE=1 does, from here on in this process: the hub libraries read their caches and ask nothing."""
+    import huggingface_hub
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].config.HF_HUB_OFFLINE = True
+
+
+SLOW_CPU_PARAMS = 5e8  # a model this big trains on a CPU for days: say so before starting
+
+
+def warn_slow_stages(args, train):
+    """One line before each stage that would be very slow on the device chosen (today: a model of more than
+    SLOW_CPU_PARAMS parameters on a CPU), with an estimate: ≈ 6 FLOPs per parameter per trained token, 2 per
+    token a model only runs, at the speed of a 512² fp32 matmul here. Parameter counts come from the configs."""
+    names = [args.student] + ([args.teacher] if args.method != "sft" else [])
+    if not args.device.startswith("cpu") or not is_main():
+        return
+    if max(rough_params(n, args.trust_remote_code) for n in names) < SLOW_CPU_PARAMS / 10:
+        return  # clearly small (embeddings + 12·layers·width²): spare the tests the meta-device build
+    ns, nt = (n_params(n, args.trust_remote_code) for n in (args.student, names[-1]))
+    nt = nt if args.method != "sft" else 0
+    if max(ns, nt) <= SLOW_CPU_PARAMS:
+        return
+    tokens = sum(len(p) + len(r) for p, r in train)  # one SFT epoch
+    rollout = sum(len(p) for p, _ in train) / len(train) + args.max_new_tokens  # prompt + response, per rollout
+    pt = args.pt_batch_size * args.pt_seq_len * uses_pt(args)  # L_PT tokens per step
+    teacher_sft = ("teacher-sft", args.teacher, nt, 6 * nt * tokens * args.teacher_epochs)
+    student_sft = ("student-sft", args.student, ns, 6 * ns * tokens * args.student_epochs)
+    minillm = ("minillm", f"{args.teacher} and {args.student}", ns + nt, args.steps * (
+        6 * ns * (args.batch_size * rollout + pt) + 2 * (ns + nt) * rollout * args.batch_size / args.ppo_epochs))
+    kd = ("kd", f"{args.teacher} and {args.student}", ns + nt, (6 * ns + 2 * nt) * tokens * args.student_epochs)
+    seqkd = ("seqkd", f"{args.teacher} and {args.student}", ns + nt, 2 * nt * tokens + 6 * ns * tokens * args.student_epochs)
+    skipped = {"teacher-sft": args.skip_teacher_sft, "student-sft": args.skip_student_sft}
+    stages = {"minillm": [teacher_sft, student_sft, minillm], "sft": [student_sft], "kd": [teacher_sft, kd],
+              "seqkd": [teacher_sft, seqkd]}[args.method]
+    flops = cpu_flops()
+    for stage, names, size, work in stages:
+        if size > SLOW_CPU_PARAMS and not skipped.get(stage) and not is_done(Path(args.out) / stage):
+            print(f"warning: {stage} trains on the CPU with {names} ({size / 1e9:.2f} B parameters): ≈ {work:.1e} FLOPs, "
+                  f"about {duration(work / flops)} at this CPU's {flops / 1e9:.0f} GFLOP/s; use a GPU (--device cuda) or "
+                  "smaller models (python demo.py runs the whole method on a CPU in minutes)", flush=True)
+
+
+def n_params(name, trust_remote_code=False):
+    """Parameters of a model from its config alone: built on the meta device, no weights read."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(load_config(name, trust_remote_code), trust_remote_code=trust_remote_code)
+    return sum(p.numel() for p in model.parameters())
+
+
+def rough_params(name, trust_remote_code=False):
+    """A quick lower bound of n_params for decoder LMs, from the config's sizes."""
+    c = load_config(name, trust_remote_code).get_text_config()
+    width = getattr(c, "hidden_size", 0) or 0
+    return (getattr(c, "vocab_size", 0) or 0) * width + 12 * (getattr(c, "num_hidden_layers", 0) or 0) * width ** 2
+
+
+def cpu_flops():
+    """This machine's fp32 matmul speed, FLOP/s (a 512² product: 0.1-0.5 s)."""
+    x = torch.randn(512, 512)
+    x @ x  # warm-up
+    start = time.perf_counter()
+    for _ in range(8):
+        x @ x
+    return 8 * 2 * 512 ** 3 / (time.perf_counter() - start)
+
+
+def duration(seconds):
+    for unit, s in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= 2 * s:
+            return f"{seconds / s:.0f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 # ================================================ PLUMBING ================================================
@@ -1435,8 +1577,10 @@ def describe_dtype(args, dtype):
 
 
 def cannot_load(name, e):
+    from huggingface_hub import constants
+    hint = "unset HF_HUB_OFFLINE to download it" if constants.HF_HUB_OFFLINE else "HF_HUB_OFFLINE=1 uses the local cache only"
     die(f"cannot load {name!r} ({first_line(e)}); give a local folder with config.json, or check the name and the "
-        "network (HF_HUB_OFFLINE=1 uses the local cache only)")
+        f"network ({hint}); `python demo.py` runs the whole method offline")
 
 
 def load_tokenizer(name, trust_remote_code=False, template="alpaca"):

@@ -74,7 +74,7 @@ def table_cases(f):
         "PT corpus not UTF-8": (dict(pt_data=root / "pt-latin1.txt"), r"pt-latin1.txt:5: not UTF-8 text \(byte 0xe9"),
         "PT record without text": (dict(pt_data=root / "pt-notext.jsonl"), r"pt-notext.jsonl:2: the record has no 'text' field"),
         "PT hub dataset unreachable": (dict(pt_data="no-such-org/no-such-corpus"),
-                                       r"cannot read the pre-training corpus 'no-such-org/no-such-corpus' \(ConnectionError"),
+                                       r"cannot load 'no-such-org/no-such-corpus' \(--pt-data\): .*not in the local cache"),
         "--device cuda without CUDA": (dict(device="cuda"), r"--device cuda: this machine has no CUDA GPU"),
         "--device typo": (dict(device="gpu"), r"--device gpu is not a device name"),
         "sequences longer than the positions": (dict(max_new_tokens=120), r"has 128 positions and --max-new-tokens asks for "
