@@ -1297,14 +1297,13 @@ def drift(first, now):
 
 def badness(rows):
     """Distillation log rows (one per step; each carries its collection's diagnostics, `collection_step` and
-    `clip_frac`) -> per row, how far each rule has moved towards trouble, in margins. Drift: this row's
-    collection against the first collection; clip: this step's clip fraction against its collection's first step."""
-    starts, drifts, out = {}, {}, []
+    `clip_frac`) -> per row, how far each rule has moved towards trouble, in margins. Clip: this step's clip
+    fraction against its collection's first step; drift, on a collection's first row only (its other rows share
+    its diagnostics): this collection against the first one."""
+    starts, out = {}, []
     for r in rows:
-        c = r["collection_step"]
-        if c not in starts:  # one drift per collection: its rows share the diagnostics
-            starts[c], drifts[c] = r, drift(rows[0], r)
-        out.append(dict(drifts[c], clip=(r["clip_frac"] - starts[c]["clip_frac"]) / CLIP_RISE))
+        start = starts.setdefault(r["collection_step"], r)
+        out.append({"clip": (r["clip_frac"] - start["clip_frac"]) / CLIP_RISE, **(drift(rows[0], r) if start is r else {})})
     return out
 
 

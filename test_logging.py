@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import minillm as M
-from test_minillm import run_cli, tiny_gpt2, word_tokenizer, write_jsonl
+from test_minillm import tiny_gpt2, word_tokenizer, write_jsonl
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -139,7 +139,7 @@ def wandb_history(run_dir):
     return rows, config
 
 
-def test_cli_drift_warns_within_two_collections_and_reaches_the_dashboards(tmp_path):
+def test_cli_drift_warns_within_two_collections_and_reaches_the_dashboards(tmp_path, capsys, monkeypatch):
     """A student that ends often (EOS logit +4) against a teacher that never does (-20): no-EOS goes 0 -> ~0.8
     in one collection, and the warning is on stdout, in log.jsonl, in TensorBoard and in W&B by the second
     collection (step 3: two steps per collection). Their scalars equal log.jsonl's."""
@@ -151,15 +151,15 @@ def test_cli_drift_warns_within_two_collections_and_reaches_the_dashboards(tmp_p
         tok.save_pretrained(tmp_path / name)
     write_jsonl(tmp_path / "data.jsonl")
     report = [r for r in ["tensorboard", "wandb"] if importlib.util.find_spec(r)]
-    os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true")  # run_cli passes the environment on
+    for k, v in dict(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_CONSOLE="off").items():  # no network, stdout alone
+        monkeypatch.setenv(k, v)
     out = tmp_path / "run"
-    res = run_cli(["--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"), "--data",
+    M.main(["--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"), "--data",
                    str(tmp_path / "data.jsonl"), "--val-size", "3", "--pt-data", "none", "--skip-teacher-sft",
                    "--skip-student-sft", "--device", "cpu", "--steps", "4", "--rollouts", "8", "--batch-size", "4",
                    "--micro-batch-size", "4", "--gen-batch-size", "8", "--ppo-epochs", "1", "--max-new-tokens", "8",
-                   "--lr", "0.05", "--warmup-steps", "1", "--out", str(out), "--report-to", *(report or ["none"])], tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
-    lines = res.stdout.splitlines()
+                   "--lr", "0.05", "--warmup-steps", "1", "--out", str(out), "--report-to", *(report or ["none"])])
+    lines = capsys.readouterr().out.splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith("warning: step") and "no-EOS 0% ->" in line)
     assert lines[at - 1].startswith("step     3/4")  # printed with the second collection's first step
     rows = [json.loads(line) for line in open(out / "minillm" / "log.jsonl")]
