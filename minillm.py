@@ -1685,6 +1685,10 @@ def plot_diagnostics(log_path, png_path):
         for r in rows:
             if "warning" in r:
                 ax.axvline(r["step"], color="r", ls=":", lw=1.2)
+                if key == "rkl":  # which rule, on the first panel: "clip" has no panel of its own
+                    tag = "+".join(t for t, words in [("drift", "since the first"), ("clip", "clip fraction")] if words in r["warning"])
+                    ax.annotate(tag, (r["step"], 1), xycoords=("data", "axes fraction"), rotation=90, va="top",
+                                ha="right", fontsize=7, color="r")
     fig.suptitle("MiniLLM training diagnostics (per collection of rollouts; dashed: one warning margin from the first "
                  "collection; dotted: a warning fired)", fontsize=10)
     fig.tight_layout()
