@@ -145,6 +145,9 @@ def build_parser():
     g.add_argument("--dist-timeout", type=float, default=60.0,
                    help="minutes a process waits in a collective (torchrun) before the job is killed; rank 0 writing a large "
                         "checkpoint keeps the others waiting (NCCL's default, 10, kills a 13B run's save)")
+    g.add_argument("--report-to", nargs="+", default=["none"], metavar="{none,tensorboard,wandb}",
+                   help="also send every logged number (and the warnings, as text) to TensorBoard (OUT/tb/<stage>) and/or "
+                        "Weights & Biases (a run per stage, named after --out); several allowed, spaces or commas")
 
     g = p.add_argument_group("long runs: rerun the same command to resume (README: Long runs and many GPUs)")
     g.add_argument("--save-interval", type=int, default=500,
@@ -195,8 +198,25 @@ def check_args(args):
     if not 0.0 < args.top_p <= 1.0:
         die(f"--top-p must be in (0, 1], got {args.top_p}")
     check_device(args.device)
+    args.report_to = check_report_to(args.report_to)
     if (args.fsdp_teacher or args.fsdp_sample_sharded) and not args.fsdp:
         die("--fsdp-teacher and --fsdp-sample-sharded need --fsdp")
+
+
+REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --report-to name: the package it needs
+
+
+def check_report_to(names):
+    """--report-to's names (spaces or commas) -> the list of reporters, 'none' dropped. A missing library is
+    reported now, not at the first logged step."""
+    import importlib.util
+    names = list(dict.fromkeys(n for v in names for n in v.split(",") if n))
+    for n in names:
+        if n != "none" and n not in REPORTERS:
+            die(f"--report-to {n}: unknown; use none, tensorboard or wandb")
+        if n != "none" and importlib.util.find_spec(REPORTERS[n]) is None:
+            die(f"--report-to {n} needs the {REPORTERS[n]} package: pip install {REPORTERS[n]}")
+    return [n for n in names if n != "none"]
 
 
 def check_device(device):
@@ -663,7 +683,7 @@ def sft(model, tok, train, val, out_dir, args, lr, epochs, dtype, teacher=None, 
         best, step, first_epoch, first_batch, log_lines = (state[k] for k in ["best", "step", "epoch", "batch", "log_lines"])
         g.set_state(state["rng"]["data_order"])  # as at the start of that epoch: its order is drawn again
         print(f"{name}: resuming from step {step} (epoch {first_epoch}, batch {first_batch}) of {resume}")
-    start, logger = step, Logger(Path(out_dir) / "log.jsonl", keep=log_lines)
+    start, logger = step, Logger(Path(out_dir) / "log.jsonl", keep=log_lines, args=args)
     model.train()  # dropout on during SFT, as the official code
     bar = __import__("tqdm").tqdm(total=total, initial=step, desc=f"sft {name}", dynamic_ncols=True, disable=not is_main())
     for epoch in range(first_epoch, epochs):
@@ -699,6 +719,7 @@ def sft(model, tok, train, val, out_dir, args, lr, epochs, dtype, teacher=None, 
         if step >= total:
             break
     bar.close()
+    logger.close()
     mark_done(out_dir, best_val_loss=best, steps=step)
     barrier()  # the other ranks wait for rank 0's files
     return best
@@ -794,12 +815,12 @@ def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None
         for _ in range(pt_used):  # a stream cannot seek: skip the chunks already trained on
             next(pt_stream)
         print(f"minillm: resuming from step {start} of {resume}")
-    logger = Logger(log_path, keep=log_lines)
+    logger = Logger(log_path, keep=log_lines, args=args)
     per_rank = min(args.rollouts, len(prompts)) // world()  # rollouts per collection on each rank: an equal share
     eos_ids = end_ids(tok, *model_configs(student), *model_configs(teacher))  # run() checked that both list the same
     store = teacher_store(args, per_rank, n_logits(teacher), dtype)  # once, reused by every collection
     queue = []  # the minibatches still to train on in this collection: lists of row indices into this rank's buffer
-    buf, step, saved, recent = None, start, start, []  # recent: the last collections' stats, for the warning
+    buf, step, saved = None, start, start
     for step in range(start + 1, args.steps + 1):
         t0 = time.time()
         # ---- collect: --rollouts samples from p~, reused for --ppo-epochs epochs ----
@@ -816,11 +837,7 @@ def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None
             with gathered(student, not args.fsdp_sample_sharded):  # FSDP: all-gathered once, not at every token
                 buf = collect_rollouts(student, teacher, batch_prompts[rank()::world()], args, eos_ids,
                                        tok.pad_token_id, dtype, gen, store, minibatches)
-            roll_stats = rollout_stats(buf, time.time() - t_s, eos_ids)
-            recent = recent[-(WARN_PATIENCE - 1):] + [roll_stats]
-            warning = degeneration_warning(recent)
-            if warning and is_main():
-                print(warning, flush=True)
+            roll_stats = dict(rollout_stats(buf, time.time() - t_s, eos_ids), collection_step=step)
             for epoch in range(args.ppo_epochs):  # the first epoch in the permutation's order (already random)
                 queue += minibatches if epoch == 0 else order_rng.sample(minibatches, len(minibatches))
         # ---- one optimizer step on a minibatch ----
@@ -848,18 +865,22 @@ def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None
         ms = 1000 * (time.time() - t0)
         row = dict(step=step, **roll_stats, **stats, lr=lr, grad_norm=gnorm.item(), ms=ms,
                    tok_s=all_sum(mb["mask"].sum()) / (ms / 1000))
-        logger.log(**row)
+        warning = training_warning(logger.rows + [row])  # against the run's first collection (a pure function of the log)
+        logger.log(**row, **({"warning": warning} if warning else {}))
         if step % args.log_interval == 0 or step == args.steps:
             print(f"step {step:5d}/{args.steps} | rkl {row['rkl']:.4f} | w {row['w_mean']:.3f}/{row['w_max']:.2f} "
                   f"| clip {row['clip_frac']:.3f} | len {row['len']:.1f} | no-eos {row['no_eos']:.2f} | rep4 {row['rep4']:.2f} "
                   f"| distinct {row['distinct']:.2f} | top1 {row['top1']:.2f} | long {row['loss_long']:+.4f} "
                   f"| single {row['loss_single']:.4f} | pt {row.get('loss_pt', 0.0):.4f} | lr {lr:.2e} "
                   f"| {ms:.0f} ms | {row['tok_s']:.0f} tok/s | sample {row['sample_tok_s']:.0f} tok/s", flush=True)
+        if warning and is_main():  # at every log interval or not: it is said once
+            print(warning, flush=True)
         if not queue and args.save_interval and step - saved >= args.save_interval:  # a collection boundary
             save_train_state(ckpt_dir, student, opt, rng_state(gen=gen.get_state(), order=order_rng.getstate()),
                              step=step, pt_used=pt_used, log_lines=logger.lines)
             saved = step
         maybe_stop(args, "minillm", step - start, step)
+    logger.close()
     save_checkpoint(student, tok, out_dir)
     if is_main():
         plot_curve(log_path, "rkl", Path(out_dir) / "reverse_kl.png", "MiniLLM: reverse KL(q_θ||p) per token on the rollouts")
@@ -1407,11 +1428,6 @@ def eval_loss(model, data, pad_id, batch_size, dtype, device):
 
 # On-policy distillation can lower the reverse KL while the samples degenerate: answers that never end, loops,
 # a few strings the teacher rates highly (the paper's "reward hacking"). These counts show it per collection.
-WARN_NO_EOS = 0.5    # warn when more than half the responses hit --max-new-tokens without EOS ...
-WARN_REPEAT = 0.2    # ... or more than a fifth of the 4-grams repeat one earlier in the same response ...
-WARN_PATIENCE = 3    # ... for this many collections in a row
-
-
 def rollout_diagnostics(tokens, mask, eos_ids, top1=None, n=4):
     """Sums over a collection (so that ranks can add them) that reveal degenerate samples:
     rows; no_eos = rows that end without EOS (they hit --max-new-tokens); grams = n-grams inside responses (EOS
@@ -1433,17 +1449,59 @@ def responses_of(tokens, mask):
     return [tuple(row[:m]) for row, m in zip(tokens.tolist(), mask.sum(1).long().tolist())]
 
 
-def degeneration_warning(recent):
-    """A warning line when every one of the last WARN_PATIENCE collections (rollout_stats dicts) passes a threshold."""
-    if len(recent) < WARN_PATIENCE:
+# The warnings compare each collection with the run's FIRST one, the SFT student's own samples: a change, not a
+# level. A student that starts with long answers is not blamed for its start, and a drift shows at the second
+# collection (a fixed threshold held for three collections fired at the fourth at best, or never). Margins:
+DRIFT_MARGINS = {"no_eos": 0.2,     # share of responses that hit --max-new-tokens without EOS: +0.2 (25% -> 45%)
+                 "len": 0.5,        # mean response length: +50% of the first collection's
+                 "rep4": 0.1,       # share of 4-grams that repeat within their response: +0.1
+                 "distinct": 0.2}   # distinct responses / responses: -0.2
+CLIP_RISE = 0.2  # clip fraction: +0.2 within one collection over its first step, where ρ = w (the policy has not moved)
+DRIFT_NAMES = {"no_eos": "no-EOS", "len": "mean length", "rep4": "repeated 4-grams", "distinct": "distinct responses"}
+
+
+def drift(first, now):
+    """How far each diagnostic of collection `now` has moved from the `first` collection towards degeneration,
+    in margins (1.0 = one margin; <= 0: no worse than at the start)."""
+    m = DRIFT_MARGINS
+    return {"no_eos": (now["no_eos"] - first["no_eos"]) / m["no_eos"], "len": (now["len"] / first["len"] - 1) / m["len"],
+            "rep4": (now["rep4"] - first["rep4"]) / m["rep4"], "distinct": (first["distinct"] - now["distinct"]) / m["distinct"]}
+
+
+def badness(rows):
+    """Distillation log rows (one per step; each carries its collection's diagnostics, `collection_step` and
+    `clip_frac`) -> per row, how far each rule has moved towards trouble, in margins. Clip: this step's clip
+    fraction against its collection's first step; drift, on a collection's first row only (its other rows share
+    its diagnostics): this collection against the first one."""
+    starts, out = {}, []
+    for r in rows:
+        start = starts.setdefault(r["collection_step"], r)
+        out.append({"clip": (r["clip_frac"] - start["clip_frac"]) / CLIP_RISE, **(drift(rows[0], r) if start is r else {})})
+    return out
+
+
+def training_warning(rows):
+    """The warning line for the last of `rows` (the log so far), or None. A rule speaks when it has moved one
+    whole margin past where it last spoke (at first: past the start): once, and again only when it got worse."""
+    said = {}
+    for b in badness(rows):
+        new = [k for k, v in b.items() if v >= said.get(k, 0.0) + 1 - 1e-9]  # 1e-9: 0.45 - 0.25 is 0.2 here
+        said.update({k: b[k] for k in new})
+    if not new:
         return None
-    if all(r["no_eos"] > WARN_NO_EOS for r in recent):
-        return (f"warning: {recent[-1]['no_eos']:.0%} of the responses hit --max-new-tokens without EOS for "
-                f"{WARN_PATIENCE} collections (README: training diagnostics)")
-    if all(r["rep4"] > WARN_REPEAT for r in recent):
-        return (f"warning: {recent[-1]['rep4']:.0%} of the 4-grams repeat within a response for "
-                f"{WARN_PATIENCE} collections (README: training diagnostics)")
-    return None
+    first, last = rows[0], rows[-1]
+    start = next(r for r in rows if r["collection_step"] == last["collection_step"])
+    parts = []
+    fmt = lambda k, v: f"{v:.1f}" if k == "len" else f"{v:.0%}"
+    drifted = [f"{DRIFT_NAMES[k]} {fmt(k, first[k])} -> {fmt(k, last[k])}" for k in new if k != "clip"]
+    if drifted:
+        parts.append(f"{', '.join(drifted)} since the first collection (the SFT student's own samples), while the "
+                     f"reverse KL went {first['rkl']:.2f} -> {last['rkl']:.2f}; try a larger --alpha or --pt-coef, a lower "
+                     "--lr or fewer --ppo-epochs, and evaluate with a larger --max-new-tokens")
+    if "clip" in new:
+        parts.append(f"the clip fraction rose {start['clip_frac']:.2f} -> {last['clip_frac']:.2f} within one collection: "
+                     "the policy moves too far for this many inner epochs; try a lower --lr or fewer --ppo-epochs")
+    return f"warning: step {last['step']}: " + "; ".join(parts) + " (README: training diagnostics)"
 
 
 def rollout_stats(buf, seconds, eos_ids):
@@ -1760,15 +1818,19 @@ def check_teacher_vocab(teacher, tok, args):
 
 class Logger:
     """One JSON object per line in log.jsonl, every metric; rank 0 alone writes. `keep`: the lines of an
-    earlier run kept on resume (those written up to the checkpoint); a fresh start keeps none."""
+    earlier run kept on resume (those written up to the checkpoint); a fresh start keeps none. `rows`: every
+    row of the stage so far, kept ones included (the warnings read them). With --report-to, each row also goes
+    to TensorBoard and/or W&B: its numbers as scalars named <stage>/<key> against `step`, its text as text."""
 
-    def __init__(self, path, keep=0):
-        self.f, self.lines = None, keep
+    def __init__(self, path, keep=0, args=None):
+        self.f, self.lines, self.rows, self.reporters = None, keep, [], []
         if not is_main():
             return
         old = Path(path).read_text().splitlines(keepends=True)[:keep] if keep and Path(path).exists() else []
-        self.f, self.lines = open(path, "w"), len(old)
+        self.f, self.lines, self.rows = open(path, "w"), len(old), [json.loads(line) for line in old]
         self.f.writelines(old)
+        for name in getattr(args, "report_to", None) or []:
+            self.reporters.append(open_reporter(name, Path(path).parent, args, self.rows[-1]["step"] + 1 if self.rows else 0))
 
     def log(self, **kv):
         if self.f is None:
@@ -1776,6 +1838,71 @@ class Logger:
         self.f.write(json.dumps(kv) + "\n")
         self.f.flush()
         self.lines += 1
+        self.rows.append(kv)
+        for reporter in self.reporters:
+            reporter.log(kv)
+
+    def close(self):
+        for reporter in self.reporters:
+            reporter.close()
+        self.reporters = []
+
+
+def scalars_and_texts(row):
+    """A log row -> ({key: number}, {key: text}); the step is the x axis, not a curve."""
+    nums = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return nums, {k: v for k, v in row.items() if isinstance(v, str)}
+
+
+class TensorBoard:
+    """OUT/tb/<stage>/: `tensorboard --logdir OUT/tb` shows every stage. A resumed stage drops the events of the
+    steps it will redo (purge_step), so the curves show each step once."""
+
+    def __init__(self, stage_dir, args, first_step):
+        from torch.utils.tensorboard import SummaryWriter  # optional: imported only when asked for
+        self.stage = stage_dir.name
+        self.w = SummaryWriter(str(Path(args.out) / "tb" / self.stage), purge_step=first_step or None)
+        self.w.add_text(f"{self.stage}/args", "```\n" + json.dumps(vars(args), indent=1) + "\n```", first_step)
+
+    def log(self, row):
+        nums, texts = scalars_and_texts(row)
+        for k, v in nums.items():
+            self.w.add_scalar(f"{self.stage}/{k}", v, row["step"])
+        for k, v in texts.items():
+            self.w.add_text(f"{self.stage}/{k}", v, row["step"])
+        self.w.flush()  # a step takes seconds: the dashboard is live, and a killed run loses nothing
+
+    def close(self):
+        self.w.close()
+
+
+class WandB:
+    """One W&B run per stage, named <--out folder>/<stage>, grouped by the --out folder, with the arguments as its
+    config; the run's id is kept in the stage folder, so a resumed stage continues the same run. Offline:
+    WANDB_MODE=offline (the run is then in OUT/wandb/, `wandb sync` uploads it)."""
+
+    def __init__(self, stage_dir, args, first_step):
+        import wandb  # optional: imported only when asked for
+        out, stage = Path(args.out).resolve(), stage_dir.name
+        id_file = stage_dir / "wandb_id.txt"
+        run_id = id_file.read_text().strip() if id_file.exists() else os.urandom(4).hex()  # not `random`: the seeded RNGs stay untouched
+        write_atomic(id_file, run_id)
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "minillm"), name=f"{out.name}/{stage}",
+                              group=out.name, id=run_id, resume="allow", dir=str(out), config=vars(args))
+        self.run.define_metric("step")
+        self.run.define_metric(f"{stage}/*", step_metric="step")  # the stage's own step, even after a resume
+        self.stage = stage
+
+    def log(self, row):
+        nums, texts = scalars_and_texts(row)
+        self.run.log({"step": row["step"], **{f"{self.stage}/{k}": v for k, v in {**nums, **texts}.items()}})
+
+    def close(self):
+        self.run.finish()
+
+
+def open_reporter(name, stage_dir, args, first_step):
+    return {"tensorboard": TensorBoard, "wandb": WandB}[name](Path(stage_dir), args, first_step)
 
 
 def plot_curve(log_path, key, png_path, title):
@@ -1824,11 +1951,20 @@ def plot_diagnostics(log_path, png_path):
         ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r])
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
-        if key in ("no_eos", "rep4", "distinct", "top1"):  # shares: on [0, 1], the warning threshold dashed
+        if key in ("no_eos", "rep4", "distinct", "top1"):  # shares: on [0, 1]
             ax.set_ylim(-0.02, 1.02)
-        if key in ("no_eos", "rep4"):
-            ax.axhline(WARN_NO_EOS if key == "no_eos" else WARN_REPEAT, color="r", ls="--", lw=0.8)
-    fig.suptitle("MiniLLM training diagnostics (per collection of rollouts; dashed: the warning thresholds)")
+        if key in DRIFT_MARGINS and rows and key in rows[0]:  # one margin from the first collection: where it warns
+            m, v = DRIFT_MARGINS[key], rows[0][key]
+            ax.axhline({"len": v * (1 + m), "distinct": v - m}.get(key, v + m), color="r", ls="--", lw=0.8)
+        for r in rows:
+            if "warning" in r:
+                ax.axvline(r["step"], color="r", ls=":", lw=1.2)
+                if key == "rkl":  # which rule, on the first panel: "clip" has no panel of its own
+                    tag = "+".join(t for t, words in [("drift", "since the first"), ("clip", "clip fraction")] if words in r["warning"])
+                    ax.annotate(tag, (r["step"], 1), xycoords=("data", "axes fraction"), rotation=90, va="top",
+                                ha="right", fontsize=7, color="r")
+    fig.suptitle("MiniLLM training diagnostics (per collection of rollouts; dashed: one warning margin from the first "
+                 "collection; dotted: a warning fired)", fontsize=10)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
@@ -1985,7 +2121,7 @@ def maybe_stop(args, stage, steps_done, step):
 
 # Flags that change neither the method nor its numbers beyond float rounding (memory, logging, device):
 # a run folder accepts a rerun that changes them, e.g. a smaller micro-batch after an out-of-memory crash.
-HARMLESS = {"log_interval", "save_interval", "stop_after", "overwrite", "method", "device", "micro_batch_size",
+HARMLESS = {"log_interval", "report_to", "save_interval", "stop_after", "overwrite", "method", "device", "micro_batch_size",
             "sft_micro_batch_size", "gen_batch_size", "teacher_logits", "dist_timeout"}
 STAGES = ["teacher-sft", "student-sft", "minillm", "sft", "kd", "seqkd"]
 

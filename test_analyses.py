@@ -37,15 +37,6 @@ def test_rollout_diagnostics_by_hand():
     assert s["top1"] == pytest.approx(14 / 21) and s["rkl"] == pytest.approx(0.5)
 
 
-def test_warning_after_several_degenerate_collections():
-    ok, long_ = dict(no_eos=0.1, rep4=0.0), dict(no_eos=0.9, rep4=0.0)
-    loops = dict(no_eos=0.0, rep4=0.5)
-    assert M.degeneration_warning([long_] * (M.WARN_PATIENCE - 1)) is None  # not yet "several"
-    assert M.degeneration_warning([ok] + [long_] * (M.WARN_PATIENCE - 1)) is None  # one good collection resets it
-    assert "90% of the responses hit --max-new-tokens" in M.degeneration_warning([long_] * M.WARN_PATIENCE)
-    assert "50% of the 4-grams repeat" in M.degeneration_warning([loops] * M.WARN_PATIENCE)
-
-
 def test_recorded_top1_agreement_equals_a_fresh_forward():
     student, teacher = tiny_gpt2(40, 3, scale=2.0, tied=False), tiny_gpt2(40, 4, n_layer=3, scale=2.0, tied=False)
     ids, attn = M.collate_prompts([[5, 6, 7, 8], [11, 12], [13, 14, 15]], pad_id=0)
