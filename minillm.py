@@ -1511,8 +1511,8 @@ class Logger:
         if not is_main():
             return
         old = Path(path).read_text().splitlines(keepends=True)[:keep] if keep and Path(path).exists() else []
-        self.f, self.lines = open(path, "w"), len(old)
-        self.f.writelines(old)
+        self.f, self.lines = open(path, "a"), len(old)
+        self.f.truncate(len("".join(old).encode()))  # cut in place: a kill before the next step loses no kept line
 
     def log(self, **kv):
         if self.f is None:
