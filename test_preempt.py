@@ -338,3 +338,14 @@ def test_a_full_disk_while_writing_the_seqkd_data(files, tmp_path, capsys):
         f"{tmp_path}; a rerun samples the same answers. Free space or fix the folder's permissions, then rerun the same "
         "command to resume"]
     assert sorted(p.name for p in path.parent.iterdir()) == []
+
+
+def test_a_resumed_log_keeps_its_lines_on_disk_before_the_first_new_step(tmp_path):
+    """Resuming cuts log.jsonl after the checkpoint's lines in place: a kill before the next step is logged (a whole
+    rollout collection later) finds them all on disk, not in an unflushed buffer of a truncated file."""
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n')
+    logger = M.Logger(log, keep=2)
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n' and logger.lines == 2
+    logger.log(step=3)
+    assert log.read_text().splitlines()[-1] == '{"step": 3}'
