@@ -405,10 +405,32 @@ def write_speed(folder, nbytes=2**29):
     return nbytes / seconds
 
 
-def preemption(device, rollouts=16, batch=4, new=32, signal_at_step=6):
+def buffer_io(folder, device, rows=16, new=256):
+    """minillm.save_rollouts / load_rollouts of a rollout buffer at the paper's width (N = 256 new tokens, V, fp16 as
+    under bf16), `rows` rollouts of the paper's 256: seconds to write (fsync included) and to read back into the store."""
+    store = torch.zeros(rows, new, V, dtype=torch.float16, device=device)
+    buf = {"teacher_logits": store[:, :new - 8], "tokens": torch.zeros(rows, new - 8, dtype=torch.long, device=device)}
+    f = Path(folder) / "rollouts0.pt"
+    sync(device)
+    t0 = time.time()
+    M.save_rollouts(f, dict(buf=buf, queue=[[0, 1]], roll_stats={}, recent=[]), store)
+    with open(f, "rb+") as h:
+        os.fsync(h.fileno())
+    t1 = time.time()
+    M.load_rollouts(folder, device, store)
+    sync(device)
+    t2 = time.time()
+    nbytes = f.stat().st_size
+    f.unlink()
+    return dict(rows=rows, file_bytes=nbytes, write_s=t1 - t0, read_s=t2 - t1, paper_rows=256,
+                paper_write_s=(t1 - t0) * 256 / rows, paper_read_s=(t2 - t1) * 256 / rows)
+
+
+def preemption(device, rollouts=16, batch=4, new=32, signal_after_step=5):
     """minillm.py --skip-teacher-sft --skip-student-sft on random GPT-2s (teacher 2 x 128, student 1 x 64, V = 50,257),
-    --rollouts 16 --batch-size 4: 4 steps per collection. SIGTERM once step `signal_at_step` - 1 is logged (inside the
-    2nd collection); then the rerun, stopped again by SIGTERM after its first step."""
+    --rollouts 16 --batch-size 4: 4 steps per collection. SIGTERM when step 5's line is printed (the first of the 2nd
+    collection: the run stops after step 5 or 6, inside the collection); then the rerun, SIGTERM again at its first
+    step's line."""
     import signal
     import subprocess
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -435,20 +457,21 @@ def preemption(device, rollouts=16, batch=4, new=32, signal_at_step=6):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(torch.get_num_threads()))
 
     def stopped(after_line):
-        """Run cmd, SIGTERM it when a line starts with after_line; (seconds from SIGTERM to exit, status, stdout)."""
+        """Run cmd, SIGTERM it when a line starts with after_line; (seconds from SIGTERM to the stop line (checkpoint
+        written) and to the exit, status, stdout)."""
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-        lines = []
+        lines, t0, t_line = [], None, None
         for line in proc.stdout:
             lines.append(line)
-            if line.startswith(after_line):
+            if t0 is None and line.startswith(after_line):
                 t0 = time.time()
                 proc.send_signal(signal.SIGTERM)
-                break
-        lines += proc.stdout.readlines()
+            if "received" in line:
+                t_line = time.time()
         proc.wait()
-        return time.time() - t0, proc.returncode, "".join(lines)
+        return (t_line - t0, time.time() - t0), proc.returncode, "".join(lines)
 
-    seconds, status, text = stopped(f"step {signal_at_step - 1:5d}/")
+    seconds, status, text = stopped(f"step {signal_after_step:5d}/")
     ckpt = out / "minillm" / "ckpt"
     step = M.checkpoint_step(ckpt)
     logged = len((out / "minillm" / "log.jsonl").read_text().splitlines())
@@ -456,15 +479,16 @@ def preemption(device, rollouts=16, batch=4, new=32, signal_at_step=6):
     seconds2, status2, text2 = stopped("step ")
     resumed = [line.strip() for line in text2.splitlines() if "resuming from" in line]
     bandwidth = write_speed(root)
+    io_ = buffer_io(root, device)
     buffer_paper = teacher_logits_bytes()  # one rank's buffer on one GPU; K ranks: 1/K each, written in parallel
-    return {"seconds_sigterm_to_exit": seconds, "exit_status": status, "checkpoint_step": step, "steps_logged": logged,
+    return {"seconds_sigterm_to_saved": seconds[0], "seconds_sigterm_to_exit": seconds[1], "exit_status": status, "checkpoint_step": step, "steps_logged": logged,
             "steps_lost": logged - step, "stop_line": [line for line in text.splitlines() if "received" in line],
             "checkpoint_bytes": sum(size.values()), "rollout_buffer_bytes": size.get("rollouts0.pt"),
             "teacher_store_bytes": rollouts * new * V * 4, "files_bytes": size, "rerun_resume_line": resumed,
-            "rerun_seconds_sigterm_to_exit": seconds2, "rerun_exit_status": status2,
+            "rerun_seconds_sigterm_to_exit": seconds2[1], "rerun_exit_status": status2,
             "disk_write_bytes_per_s": bandwidth, "paper_buffer_bytes": buffer_paper,
-            "paper_buffer_write_s_at_this_disk": buffer_paper / bandwidth,
-            "config": dict(device=device, rollouts=rollouts, batch=batch, new_tokens=new, vocab=V, signal_in_step=signal_at_step,
+            "paper_buffer_write_s_at_this_disk": buffer_paper / bandwidth, "buffer_save_load": io_,
+            "config": dict(device=device, rollouts=rollouts, batch=batch, new_tokens=new, vocab=V, signal_at_line_of_step=signal_after_step,
                            teacher="2 x 128", student="1 x 64", threads=torch.get_num_threads())}
 
 

@@ -1693,7 +1693,10 @@ def save_train_state(path, model, opt, rng, rollouts=None, store=None, **state):
         from torch.distributed.checkpoint.state_dict import get_state_dict
         model_sd, opt_sd = get_state_dict(model, opt)  # this rank's shards, keyed by their names in the whole model
         with write_guard(path, tmp, kept):
-            dcp.save({"model": model_sd, "optimizer": opt_sd}, checkpoint_id=str(tmp / "dcp"))  # every rank its own
+            try:
+                dcp.save({"model": model_sd, "optimizer": opt_sd}, checkpoint_id=str(tmp / "dcp"))  # every rank its own
+            except dcp.api.CheckpointException as e:  # a BaseException, raised on every rank when one rank's write fails
+                raise OSError(first_line(e)) from e
     if rollouts is not None:
         with write_guard(path, tmp, kept):  # every rank's own buffer, before state.pt marks the folder complete
             save_rollouts(tmp / f"rollouts{rank()}.pt", rollouts, store)
@@ -1725,6 +1728,9 @@ def load_rollouts(path, device, store=None):
     """save_rollouts' dict for this rank, or None (the checkpoint fell on a collection boundary). Read through mmap,
     so the teacher's log-probs go from the file into `store` without a second copy in memory."""
     file = Path(path) / f"rollouts{rank()}.pt"
+    if all_sum(file.exists()) not in (0, world()):  # (a collective: every rank calls load_rollouts)
+        die(f"{path} holds the rollout buffers of some ranks only: they wrote them to file systems they do not share; "
+            "put --out on a file system every node mounts, or delete the checkpoint to restart the stage")
     if not file.exists():
         return None
     saved = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
