@@ -1734,10 +1734,9 @@ def load_rollouts(path, device, store=None):
     if not file.exists():
         return None
     saved = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-    buf = {}
+    buf, nbytes = {}, store.untyped_storage().nbytes() if torch.is_tensor(store) else None
     for k, v in saved["buf"].items():
-        same_layout = torch.is_tensor(store) and v.dtype == store.dtype and v.untyped_storage().nbytes() == store.untyped_storage().nbytes()
-        if k in saved["in_store"] and same_layout:
+        if k in saved["in_store"] and v.dtype == getattr(store, "dtype", None) and v.untyped_storage().nbytes() == nbytes:
             buf[k] = store.as_strided(v.shape, v.stride(), v.storage_offset()).copy_(v)  # the same view as before
         else:
             buf[k] = v.to("cpu" if saved["devices"].get(k) == "cpu" else device, copy=True)  # off the mmap
