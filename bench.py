@@ -33,6 +33,13 @@ What is measured, each a median of --repeats rounds after one warm-up round; eve
   5. peak memory per phase (CUDA: max_memory_allocated; CPU: the process RSS, polled) and tokens/s.
 
 trl is optional (`pip install trl`); without it step_vs_trl is null and a note says why.
+
+    python bench.py --preemption [--json]            # only this: SIGTERM inside a rollout collection, on the CLI
+  6. preemption          `minillm.py` in a subprocess (random tiny GPT-2s with the real vocabulary, --teacher-logits
+                         keep), SIGTERM in the middle of a rollout collection: seconds from the signal to the exit,
+                         the resume checkpoint's size (the rollout buffer apart), steps lost (logged but not in the
+                         checkpoint: 0), the rerun's resume line; this disk's write speed, and from it the buffer's
+                         size and write time at the paper's shapes (256 rollouts x 256 tokens x 50,257 x 2 bytes).
 """
 
 import argparse
@@ -48,6 +55,7 @@ import tempfile
 import threading
 import time
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -85,6 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--fsdp-memory", action="store_true",
                    help="instead: peak RSS per rank of 2-rank --fsdp SFT against one process (gloo, CPU; ~5 minutes, "
                         "~5 GB of memory at once)")
+    p.add_argument("--preemption", action="store_true", help="measure only 6. preemption (a minillm.py subprocess)")
     return p.parse_args(argv)
 
 
@@ -384,6 +393,109 @@ def trl_job(student, teacher, ids, attn, sh, device, dtype, micro=0):
 
 
 # ----------------------------------------------------------------------------------------------------
+# 6. Preemption: SIGTERM in the middle of a rollout collection of a real `minillm.py` run.
+
+def write_speed(folder, nbytes=2**29):
+    """Bytes per second of torch.save of one fp16 tensor to `folder`, fsync included (the page cache is not the disk)."""
+    x = torch.zeros(nbytes // 2, dtype=torch.float16)
+    f = Path(folder) / "speed.pt"
+    t0 = time.time()
+    torch.save(x, f)
+    with open(f, "rb+") as h:
+        os.fsync(h.fileno())
+    seconds = time.time() - t0
+    f.unlink()
+    return nbytes / seconds
+
+
+def buffer_io(folder, device, rows=16, new=256):
+    """minillm.save_rollouts / load_rollouts of a rollout buffer at the paper's width (N = 256 new tokens, V, fp16 as
+    under bf16), `rows` rollouts of the paper's 256: seconds to write (fsync included) and to read back into the store."""
+    store = torch.zeros(rows, new, V, dtype=torch.float16, device=device)
+    buf = {"teacher_logits": store[:, :new - 8], "tokens": torch.zeros(rows, new - 8, dtype=torch.long, device=device)}
+    f = Path(folder) / "rollouts0.pt"
+    sync(device)
+    t0 = time.time()
+    M.save_rollouts(f, dict(buf=buf, queue=[[0, 1]], roll_stats={}, recent=[]), store)
+    with open(f, "rb+") as h:
+        os.fsync(h.fileno())
+    t1 = time.time()
+    M.load_rollouts(folder, device, store)
+    sync(device)
+    t2 = time.time()
+    nbytes = f.stat().st_size
+    f.unlink()
+    return dict(rows=rows, file_bytes=nbytes, write_s=t1 - t0, read_s=t2 - t1, paper_rows=256,
+                paper_write_s=(t1 - t0) * 256 / rows, paper_read_s=(t2 - t1) * 256 / rows)
+
+
+def preemption(device, rollouts=16, batch=4, new=32, signal_after_step=5):
+    """minillm.py --skip-teacher-sft --skip-student-sft on random GPT-2s (teacher 2 x 128, student 1 x 64, V = 50,257),
+    --rollouts 16 --batch-size 4: 4 steps per collection. SIGTERM when step 5's line is printed (the first of the 2nd
+    collection: the run stops after step 5 or 6, inside the collection); then the rerun, SIGTERM again at its first
+    step's line."""
+    import signal
+    import subprocess
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    root = Path(tempfile.mkdtemp(prefix="bench-preempt-"))
+    tk = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(V)}, unk_token="t0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=f"t{V - 1}", pad_token=f"t{V - 1}", unk_token="t0")
+    for name, (layers, width) in {"teacher": (2, 128), "student": (1, 64)}.items():
+        torch.manual_seed(len(name))
+        GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=512, n_layer=layers, n_embd=width, n_head=2, bos_token_id=V - 1,
+                                   eos_token_id=V - 1)).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    g = torch.Generator().manual_seed(0)
+    rows = [{"instruction": " ".join(f"t{i}" for i in torch.randint(1, V - 1, (8,), generator=g).tolist()), "output": "t1 t2"}
+            for _ in range(rollouts + 4)]
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = root / "run"
+    cmd = [sys.executable, str(Path(__file__).with_name("minillm.py")), "--teacher", str(root / "teacher"), "--student",
+           str(root / "student"), "--data", str(root / "data.jsonl"), "--val-size", "2", "--out", str(out), "--device", device,
+           "--skip-teacher-sft", "--skip-student-sft", "--pt-data", "none", "--steps", "1000", "--rollouts", str(rollouts),
+           "--batch-size", str(batch), "--micro-batch-size", str(batch), "--gen-batch-size", str(rollouts),
+           "--ppo-epochs", "1", "--max-new-tokens", str(new), "--save-interval", "1000", "--log-interval", "1"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(torch.get_num_threads()))
+
+    def stopped(after_line):
+        """Run cmd, SIGTERM it when a line starts with after_line; (seconds from SIGTERM to the stop line (checkpoint
+        written) and to the exit, status, stdout)."""
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        lines, t0, t_line = [], None, None
+        for line in proc.stdout:
+            lines.append(line)
+            if t0 is None and line.startswith(after_line):
+                t0 = time.time()
+                proc.send_signal(signal.SIGTERM)
+            if "received" in line:
+                t_line = time.time()
+        proc.wait()
+        return (t_line - t0, time.time() - t0), proc.returncode, "".join(lines)
+
+    seconds, status, text = stopped(f"step {signal_after_step:5d}/")
+    ckpt = out / "minillm" / "ckpt"
+    step = M.checkpoint_step(ckpt)
+    logged = len((out / "minillm" / "log.jsonl").read_text().splitlines())
+    size = {f.name: f.stat().st_size for f in ckpt.iterdir() if f.is_file()}
+    seconds2, status2, text2 = stopped("step ")
+    resumed = [line.strip() for line in text2.splitlines() if "resuming from" in line]
+    bandwidth = write_speed(root)
+    io_ = buffer_io(root, device)
+    buffer_paper = teacher_logits_bytes()  # one rank's buffer on one GPU; K ranks: 1/K each, written in parallel
+    return {"seconds_sigterm_to_saved": seconds[0], "seconds_sigterm_to_exit": seconds[1], "exit_status": status, "checkpoint_step": step, "steps_logged": logged,
+            "steps_lost": logged - step, "stop_line": [line for line in text.splitlines() if "received" in line],
+            "checkpoint_bytes": sum(size.values()), "rollout_buffer_bytes": size.get("rollouts0.pt"),
+            "teacher_store_bytes": rollouts * new * V * 4, "files_bytes": size, "rerun_resume_line": resumed,
+            "rerun_seconds_sigterm_to_exit": seconds2[1], "rerun_exit_status": status2,
+            "disk_write_bytes_per_s": bandwidth, "paper_buffer_bytes": buffer_paper,
+            "paper_buffer_write_s_at_this_disk": buffer_paper / bandwidth, "buffer_save_load": io_,
+            "config": dict(device=device, rollouts=rollouts, batch=batch, new_tokens=new, vocab=V, signal_at_line_of_step=signal_after_step,
+                           teacher="2 x 128", student="1 x 64", threads=torch.get_num_threads())}
+
+
+# ----------------------------------------------------------------------------------------------------
 # Report.
 
 def teacher_logits_bytes(rollouts=256, n=256, vocab=V, bytes_per=2):
@@ -543,6 +655,10 @@ def main(argv=None):
 
 
 def run(a, device):
+    if a.preemption:
+        res = {"preemption": preemption(device)}
+        print(json.dumps(res) if a.json else json.dumps(res, indent=1))
+        return res
     sh = dict(SHAPES[a.shapes])
     repeats = a.repeats or sh["repeats"]
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # as minillm.resolve_dtype

@@ -45,7 +45,9 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from itertools import islice, zip_longest
@@ -152,8 +154,9 @@ def build_parser():
     g = p.add_argument_group("long runs: rerun the same command to resume (README: Long runs and many GPUs)")
     g.add_argument("--save-interval", type=int, default=500,
                    help="resumable checkpoint (weights, optimizer, RNG states, data position) every N steps, 0 = only at "
-                        "the end of a stage. Distillation saves at the first rollout-collection boundary after N steps: "
-                        "the rollout buffer (teacher logits included) is too big to save")
+                        "the end of a stage. Distillation saves at the first rollout-collection boundary after N steps, "
+                        "where there is no rollout buffer to save. SIGTERM/SIGUSR1 save the step reached (buffer included) "
+                        "and exit with status 75")
     g.add_argument("--stop-after", type=int, default=0, help="exit (status 3) after K steps of the current stage, as if killed; for resume tests")
     g.add_argument("--overwrite", action="store_true", help="--out holds a run with other arguments: delete its stages and start again")
     g.add_argument("--fsdp", action="store_true",
@@ -706,9 +709,12 @@ def sft(model, tok, train, val, out_dir, args, lr, epochs, dtype, teacher=None, 
             logger.log(step=step, epoch=epoch, loss=loss, lr=opt.param_groups[0]["lr"], grad_norm=gnorm.item(),
                        ms=1000 * (time.time() - t0))
             bar.update(1)
-            if args.save_interval and step % args.save_interval == 0:
+            sig = stop_signal()  # SIGTERM/SIGUSR1 on any rank: save this step and exit
+            if sig or args.save_interval and step % args.save_interval == 0:
                 save_train_state(ckpt_dir, model, opt, rng_state(data_order=epoch_rng), step=step, epoch=epoch,
                                  batch=b + 1, best=best, log_lines=logger.lines)
+            if sig:
+                preempted(name, sig, step, ckpt_dir)
             maybe_stop(args, name, step - start, step)
         val_loss = eval_loss(model, val, tok.pad_token_id, args.sft_micro_batch_size, dtype, device)
         logger.log(step=step, epoch=epoch, val_loss=val_loss)
@@ -797,7 +803,8 @@ def minillm_backward(model, mb, args, dtype, sync=True, teacher_logits=None, tea
 def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None, resume=None):
     """The MiniLLM loop. One optimizer step = one minibatch of --batch-size rollouts (+ a PT batch); under
     DDP each rank samples and trains on its share of both. resume: a checkpoint folder (find_checkpoint);
-    `student` was loaded from it. Checkpoints fall on collection boundaries: the rollout buffer is not saved."""
+    `student` was loaded from it. --save-interval checkpoints fall on collection boundaries (no rollout buffer to
+    save); a stop signal saves inside a collection, with the rest of it (buffer and minibatch queue)."""
     device, ckpt_dir = args.device, Path(out_dir) / "ckpt"
     os.makedirs(out_dir, exist_ok=True)
     log_path = Path(out_dir) / "log.jsonl"
@@ -806,6 +813,11 @@ def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     gen = torch.Generator(device=device).manual_seed(args.seed + rank())  # each rank samples its own rollouts
     order_rng = random.Random(args.seed)  # the prompts and the minibatch order: the same on every rank
+    per_rank = min(args.rollouts, len(prompts)) // world()  # rollouts per collection on each rank: an equal share
+    store = teacher_store(args, per_rank, n_logits(teacher), dtype)  # once, reused by every collection
+    eos_ids = end_ids(tok, *model_configs(student), *model_configs(teacher))  # run() checked that both list the same
+    queue = []  # the minibatches still to train on in this collection: lists of row indices into this rank's buffer
+    buf, roll_stats = None, None
     start, pt_used, log_lines = 0, 0, 0
     if resume:
         state = load_train_state(resume, opt, device, student)
@@ -814,13 +826,13 @@ def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None
         order_rng.setstate(state["rng"]["order"])
         for _ in range(pt_used):  # a stream cannot seek: skip the chunks already trained on
             next(pt_stream)
-        print(f"minillm: resuming from step {start} of {resume}")
+        rest = load_rollouts(resume, device, store)  # stopped inside a collection: the rest of it
+        if rest:
+            buf, queue, roll_stats = rest["buf"], rest["queue"], rest["roll_stats"]
+        print(f"minillm: resuming from step {start} of {resume}" + (f" ({len(queue)} minibatches left in its rollout "
+                                                                    "collection)" if queue else ""))
     logger = Logger(log_path, keep=log_lines, args=args)
-    per_rank = min(args.rollouts, len(prompts)) // world()  # rollouts per collection on each rank: an equal share
-    eos_ids = end_ids(tok, *model_configs(student), *model_configs(teacher))  # run() checked that both list the same
-    store = teacher_store(args, per_rank, n_logits(teacher), dtype)  # once, reused by every collection
-    queue = []  # the minibatches still to train on in this collection: lists of row indices into this rank's buffer
-    buf, step, saved = None, start, start
+    step, saved = start, start
     for step in range(start + 1, args.steps + 1):
         t0 = time.time()
         # ---- collect: --rollouts samples from p~, reused for --ppo-epochs epochs ----
@@ -875,10 +887,14 @@ def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None
                   f"| {ms:.0f} ms | {row['tok_s']:.0f} tok/s | sample {row['sample_tok_s']:.0f} tok/s", flush=True)
         if warning and is_main():  # at every log interval or not: it is said once
             print(warning, flush=True)
-        if not queue and args.save_interval and step - saved >= args.save_interval:  # a collection boundary
+        sig = stop_signal()  # SIGTERM/SIGUSR1 on any rank: save this step, inside its collection, and exit
+        if sig or not queue and args.save_interval and step - saved >= args.save_interval:  # or a collection boundary
+            rest = dict(buf=buf, queue=queue, roll_stats=roll_stats) if queue else None
             save_train_state(ckpt_dir, student, opt, rng_state(gen=gen.get_state(), order=order_rng.getstate()),
-                             step=step, pt_used=pt_used, log_lines=logger.lines)
+                             rollouts=rest, store=store, step=step, pt_used=pt_used, log_lines=logger.lines)
             saved = step
+        if sig:
+            preempted("minillm", sig, step, ckpt_dir)
         maybe_stop(args, "minillm", step - start, step)
     logger.close()
     save_checkpoint(student, tok, out_dir)
@@ -952,13 +968,14 @@ def seqkd_data(teacher_path, tok, train_rec, path, args, dtype):
         if ex is not None:
             prompts.append(ex[0])
             kept.append(r)
+    set_seed(args.seed + rank())  # as a stage: a rerun that skips the finished teacher SFT samples the same answers
     mine = teacher_responses(teacher, tok, prompts[rank()::world()], args, dtype)  # each rank answers its share
     texts = [t for group in zip_longest(*all_gather_objects(mine)) for t in group if t is not None]  # prompt order
     rows = [{"instruction": r["instruction"], "input": r.get("input", ""), "output": t} for r, t in zip(kept, texts)]
-    if is_main():
-        os.makedirs(Path(path).parent, exist_ok=True)
-        write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))  # written whole or not at all
-    barrier()
+    with write_guard(path, kept=f"the finished stages in {Path(path).parent.parent}; a rerun samples the same answers"):
+        if is_main():
+            os.makedirs(Path(path).parent, exist_ok=True)
+            write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))  # written whole or not at all
     return rows
 
 
@@ -986,7 +1003,8 @@ def sft_stage(path, init, tok, train, val, args, lr, epochs, dtype, teacher_path
 def main(argv=None):
     args = parse_args(argv)
     init_distributed(args)
-    result = run(args)
+    with preemptible():
+        result = run(args)
     if dist_on():
         torch.distributed.destroy_process_group()
     return result
@@ -1827,8 +1845,8 @@ class Logger:
         if not is_main():
             return
         old = Path(path).read_text().splitlines(keepends=True)[:keep] if keep and Path(path).exists() else []
-        self.f, self.lines, self.rows = open(path, "w"), len(old), [json.loads(line) for line in old]
-        self.f.writelines(old)
+        self.f, self.lines, self.rows = open(path, "a"), len(old), [json.loads(line) for line in old]
+        self.f.truncate(len("".join(old).encode()))  # cut in place: a kill before the next step loses no kept line
         for name in getattr(args, "report_to", None) or []:
             self.reporters.append(open_reporter(name, Path(path).parent, args, self.rows[-1]["step"] + 1 if self.rows else 0))
 
@@ -1975,24 +1993,25 @@ def save_checkpoint(model, tok, path):
     by file with os.replace (atomic), so a kill mid-save never leaves a half-written model.safetensors.
     Under FSDP every rank sends its shards and rank 0 writes the consolidated fp32 weights."""
     weights = full_state_dict(model)  # None unless sharded (a collective: every rank calls save_checkpoint)
-    if not is_main():
-        return
     tmp = Path(path) / ".saving"
-    shutil.rmtree(tmp, ignore_errors=True)
-    unwrap(model).save_pretrained(tmp, safe_serialization=True, state_dict=weights)
-    tok.save_pretrained(tmp)
-    for f in tmp.iterdir():
-        os.replace(f, Path(path) / f.name)
-    tmp.rmdir()
+    with write_guard(path, tmp, kept=lambda: kept_in(path)):  # the previous model stays whole, .saving is deleted
+        if is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+            unwrap(model).save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+            tok.save_pretrained(tmp)
+            for f in tmp.iterdir():
+                os.replace(f, Path(path) / f.name)
+            tmp.rmdir()
 
 
 def mark_done(path, **info):
-    """The stage is finished: later runs skip it, and its resume checkpoint is no longer needed."""
-    if not is_main():
-        return
-    write_atomic(Path(path) / "done.json", json.dumps(info, indent=1))
-    for suffix in ("", ".old", ".tmp"):  # optimizer moments: twice the model's size, useless from now on
-        shutil.rmtree(Path(path) / ("ckpt" + suffix), ignore_errors=True)
+    """The stage is finished: later runs skip it, and its resume checkpoint is no longer needed. Every rank calls it."""
+    with write_guard(Path(path) / "done.json", kept=lambda: kept_in(path)):  # a rerun resumes, to the same end
+        if is_main():
+            write_atomic(Path(path) / "done.json", json.dumps(info, indent=1))
+    if is_main():
+        for suffix in ("", ".old", ".tmp"):  # optimizer moments: twice the model's size, useless from now on
+            shutil.rmtree(Path(path) / ("ckpt" + suffix), ignore_errors=True)
 
 
 def is_done(path):
@@ -2000,9 +2019,55 @@ def is_done(path):
 
 
 def write_atomic(path, text):
+    """`path` holds the old text or the new one, never a part: written to path.tmp, then renamed over it."""
     tmp = Path(str(path) + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write leaves no path.tmp behind
+
+
+# A failed write (ENOSPC, EDQUOT, EACCES, EROFS) surfaces as an OSError from Python, a RuntimeError from torch.save
+# and a SafetensorError from save_pretrained's safetensors writer.
+WRITE_ERRORS = (OSError, RuntimeError, __import__("safetensors").SafetensorError)
+
+
+@contextmanager
+def write_guard(path, tmp=None, kept=None):
+    """Files written in the block (by any rank) that cannot be written, for a full disk, a quota or an unwritable
+    folder, end the run on every rank in one line (exit status 2) naming `path` and what was kept, instead of a
+    traceback hours into a run. The ranks learn of any rank's failure through one all-reduce at the end of the
+    block, which is also the barrier after it: no rank waits forever in a collective for a rank that stopped.
+    tmp: the half-written file or folder, deleted (it is never read, and deleting it gives the space back).
+    kept: what is intact, as text or a function that says it (called after the failure)."""
+    error = None
+    try:
+        yield
+    except WRITE_ERRORS as e:
+        error = f"{type(e).__name__}: {first_line(e)}"
+    if not all_max(error is not None):
+        return
+    errors = all_gather_objects(error)
+    if is_main():
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True) if Path(tmp).is_dir() else Path(tmp).unlink(missing_ok=True)
+        who = next(i for i, e in enumerate(errors) if e)
+        on = f" on rank {who}" if world() > 1 else ""
+        kept = kept() if callable(kept) else kept or "everything written before"
+        die(f"cannot write {path}{on} ({errors[who]}); kept: {kept}. Free space or fix the "
+            "folder's permissions, then rerun the same command to resume")
+    sys.exit(2)  # the other ranks: rank 0 said why
+
+
+def kept_in(stage):
+    """What a failed write in a stage folder leaves: the stage's last complete resume checkpoint and its model."""
+    stage = Path(stage)
+    ckpt = find_checkpoint(stage / "ckpt")
+    kept = [f"the resume checkpoint {ckpt} (step {checkpoint_step(ckpt)})" if ckpt else "no resume checkpoint yet"]
+    if (stage / "config.json").exists():
+        kept.append(f"the model saved earlier in {stage}")
+    return " and ".join(kept)
 
 
 def set_seed(seed):
@@ -2019,31 +2084,73 @@ def set_seed(seed):
 # no rank ever holds the whole training state. The run folder must then be on a file system all ranks share.
 # The learning-rate schedule is a function of the step, so the step is all it needs.
 
-def save_train_state(path, model, opt, rng, **state):
+def save_train_state(path, model, opt, rng, rollouts=None, store=None, **state):
     """Write ckpt.tmp/, then swap it in with two renames. Until the new checkpoint is complete the previous
-    one stays, as ckpt/ or (killed between the renames) ckpt.old/; find_checkpoint looks at both."""
+    one stays, as ckpt/ or (killed between the renames) ckpt.old/; find_checkpoint looks at both.
+    rollouts: this rank's rest of a rollout collection ({"buf": ..., "queue": ..., ...}), saved by every rank to
+    rollouts{rank}.pt when the checkpoint falls inside a collection (save_rollouts). A write that fails on any
+    rank (full disk, quota, read-only folder) stops every rank in one line, the previous checkpoint kept."""
     rngs = all_gather_objects(rng)  # every rank's RNG states; rank 0 writes them all
     path = Path(path)
     tmp, old = Path(str(path) + ".tmp"), Path(str(path) + ".old")
-    if is_main():
-        shutil.rmtree(tmp, ignore_errors=True)
-    barrier()
+    kept = lambda: kept_in(path.parent)  # noqa: E731  (evaluated after a failure: ckpt/ or ckpt.old/)
+    with write_guard(path, tmp, kept):
+        if is_main():
+            shutil.rmtree(tmp, ignore_errors=True)  # a folder left by a killed save: never read, now replaced
+            tmp.mkdir(parents=True)
     if is_fsdp(model):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
         model_sd, opt_sd = get_state_dict(model, opt)  # this rank's shards, keyed by their names in the whole model
-        dcp.save({"model": model_sd, "optimizer": opt_sd}, checkpoint_id=str(tmp / "dcp"))  # every rank writes its own
-    if is_main():
-        if not is_fsdp(model):
-            unwrap(model).save_pretrained(tmp, safe_serialization=True)
-            torch.save(opt.state_dict(), tmp / "optimizer.pt")
-        torch.save(dict(state, rng=rngs), tmp / "state.pt")  # written last: a folder with state.pt is complete
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)  # path is complete, so an older ckpt.old is not needed
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    barrier()
+        with write_guard(path, tmp, kept):
+            try:
+                dcp.save({"model": model_sd, "optimizer": opt_sd}, checkpoint_id=str(tmp / "dcp"))  # every rank its own
+            except dcp.api.CheckpointException as e:  # a BaseException, raised on every rank when one rank's write fails
+                raise OSError(first_line(e)) from e
+    if rollouts is not None:
+        with write_guard(path, tmp, kept):  # every rank's own buffer, before state.pt marks the folder complete
+            save_rollouts(tmp / f"rollouts{rank()}.pt", rollouts, store)
+    with write_guard(path, tmp, kept):
+        if is_main():
+            if not is_fsdp(model):
+                unwrap(model).save_pretrained(tmp, safe_serialization=True)
+                torch.save(opt.state_dict(), tmp / "optimizer.pt")
+            torch.save(dict(state, rng=rngs), tmp / "state.pt")  # written last: a folder with state.pt is complete
+            if path.exists():
+                shutil.rmtree(old, ignore_errors=True)  # path is complete, so an older ckpt.old is not needed
+                os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def save_rollouts(file, rollouts, store=None):
+    """The rest of a rollout collection, as it is: any dict of tensors ("buf"), the minibatch queue, the stats.
+    A tensor that is a view into the preallocated teacher store is written as that view (torch.save keeps the
+    view's offset and strides over the store's storage, so nothing is copied in memory) and read back into it."""
+    buf = rollouts["buf"]
+    in_store = [k for k, v in buf.items() if torch.is_tensor(store) and torch.is_tensor(v)
+                and v.untyped_storage().data_ptr() == store.untyped_storage().data_ptr()]
+    devices = {k: v.device.type for k, v in buf.items() if torch.is_tensor(v)}
+    torch.save(dict(rollouts, in_store=in_store, devices=devices), file)
+
+
+def load_rollouts(path, device, store=None):
+    """save_rollouts' dict for this rank, or None (the checkpoint fell on a collection boundary). Read through mmap,
+    so the teacher's log-probs go from the file into `store` without a second copy in memory."""
+    file = Path(path) / f"rollouts{rank()}.pt"
+    if all_sum(file.exists()) not in (0, world()):  # (a collective: every rank calls load_rollouts)
+        die(f"{path} holds the rollout buffers of some ranks only: they wrote them to file systems they do not share; "
+            "put --out on a file system every node mounts, or delete the checkpoint to restart the stage")
+    if not file.exists():
+        return None
+    saved = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    buf, nbytes = {}, store.untyped_storage().nbytes() if torch.is_tensor(store) else None
+    for k, v in saved["buf"].items():
+        if k in saved["in_store"] and v.dtype == getattr(store, "dtype", None) and v.untyped_storage().nbytes() == nbytes:
+            buf[k] = store.as_strided(v.shape, v.stride(), v.storage_offset()).copy_(v)  # the same view as before
+        else:
+            buf[k] = v.to("cpu" if saved["devices"].get(k) == "cpu" else device, copy=True)  # off the mmap
+    return dict(saved, buf=buf)
 
 
 def find_checkpoint(path):
@@ -2119,6 +2226,49 @@ def maybe_stop(args, stage, steps_done, step):
         sys.exit(3)
 
 
+# Preemption. SLURM (time limit with --signal=USR1@120, preemption), Kubernetes (eviction) and spot instances send
+# SIGTERM or SIGUSR1, then SIGKILL after a grace period. The handler only raises a flag: the signal may land inside
+# a collective, the sampler or a checkpoint write, none of which may be cut. The loops read the flag once per
+# optimizer step, all ranks together (one all-reduce), then save a resume checkpoint of exactly that step and exit.
+PREEMPTED = 75  # sysexits.h EX_TEMPFAIL, "temporary failure; retry": not 2 (bad input), 3 (--stop-after), 143 (killed)
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+_stop = {"signal": 0}  # the first stop signal received, 0 if none
+
+
+def on_stop_signal(signum, frame):
+    _stop["signal"] = _stop["signal"] or signum
+
+
+@contextmanager
+def preemptible():
+    """SIGTERM and SIGUSR1 set the flag while the block runs (Python allows handlers in the main thread only)."""
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name, None)  # Windows has no SIGUSR1
+            if sig is not None:
+                old[sig] = signal.signal(sig, on_stop_signal)
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        _stop["signal"] = 0
+
+
+def stop_signal():
+    """The stop signal received by any rank since the start (0: none). A collective: every rank calls it at the same
+    point of every step, so all stop after the same step."""
+    return int(all_max(_stop["signal"]))
+
+
+def preempted(stage, sig, step, ckpt_dir):
+    """After the checkpoint of `step` is written: say where, and exit with PREEMPTED."""
+    print(f"{stage}: {signal.Signals(sig).name} received, stopped after step {step}; resume checkpoint written to "
+          f"{ckpt_dir}; rerun the same command to continue (exit status {PREEMPTED})", flush=True)
+    sys.exit(PREEMPTED)
+
+
 # Flags that change neither the method nor its numbers beyond float rounding (memory, logging, device):
 # a run folder accepts a rerun that changes them, e.g. a smaller micro-batch after an out-of-memory crash.
 HARMLESS = {"log_interval", "report_to", "save_interval", "stop_after", "overwrite", "method", "device", "micro_batch_size",
@@ -2145,10 +2295,10 @@ def prepare_out(out, args):
             elif p.exists():
                 shutil.rmtree(p)
     barrier()
-    if is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / "args.json", json.dumps(vars(args), indent=1))
-    barrier()
+    with write_guard(out / "args.json", kept=f"{out} as it was"):
+        if is_main():
+            out.mkdir(parents=True, exist_ok=True)
+            write_atomic(out / "args.json", json.dumps(vars(args), indent=1))
 
 
 # ----------------------------------------------------------------------------------------------------
