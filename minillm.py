@@ -393,30 +393,38 @@ def tokenize_example(tok, rec, max_prompt_len, max_len, template="alpaca"):
 # Forward passes: fp32 logits over the shared vocabulary, position ids that respect left padding, an optional
 # KV cache (autocast and new_cache are with the helpers, in the plumbing).
 
-def fp32_head(model, vocab_size=None):
-    """Make the LM head return fp32 logits for the first `vocab_size` tokens, whatever the autocast.
+class FP32Head(torch.nn.Linear):
+    """The LM head, returning fp32 logits for its first `n_out` tokens, whatever the autocast.
 
-    fp32: GPT-2's logits sit near -60, where one bf16 step is 0.25 nats; a bf16 head would put that much noise
-    into every log q_θ, log p, reward and KL. The blocks still run in bf16; only the head (one matmul) is fp32.
-    vocab_size: models of one family share a tokenizer but pad their embedding matrix differently (Qwen2.5-1.5B:
-    151,936 rows, 7B: 152,064, for 151,665 tokens). The padded rows are no tokens: no KL may sum over them and
-    no sample may draw them, so the head computes the shared rows only. The model's weights are untouched."""
+    fp32 logits: GPT-2's logits sit near -60, where one bf16 step is 0.25 nats; a bf16 *output* would put that much
+    noise into every log q_θ, log p, reward and KL. The inputs are another matter: under bf16 the head reads bf16 h and
+    W (rounding each by at most 2^-9, as every bf16 layer before it does), accumulates and returns fp32, on tensor
+    cores (head_matmul; bench.py measures the error of each choice: ~1e-2 nats against 0.25 for a bf16 output). An fp32
+    run computes the head in IEEE fp32. The blocks run as they are; only this one matmul is special.
+    n_out: models of one family share a tokenizer but pad their embedding matrix differently (Qwen2.5-1.5B: 151,936
+    rows, 7B: 152,064, for 151,665 tokens). The padded rows are no tokens: no KL may sum over them and no sample may
+    draw them, so the head computes the shared rows only.
+    An ordinary module: fp32_head swaps the class of the model's own nn.Linear, so its parameters, state_dict keys,
+    weight tying, save_pretrained, deepcopy, pickling and hooks are those of the stock head."""
+
+    def forward(self, h):  # (..., d) -> (..., n_out) fp32
+        w = self.weight[:self.n_out]
+        bias = None if self.bias is None else self.bias[:self.n_out].float()
+        low = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else w.dtype
+        with torch.autocast(h.device.type, enabled=False):
+            if low not in (torch.bfloat16, torch.float16):  # an fp32 run: IEEE fp32
+                return F.linear(h.float(), w.float(), bias)
+            return head_matmul(h.to(low), head_weight(self, w, low), bias)
+
+
+def fp32_head(model, vocab_size=None):
+    """Make the model's LM head an FP32Head returning the first `vocab_size` logits. The weights are untouched."""
     head = model.get_output_embeddings()
     n = vocab_size or head.weight.shape[0]
     assert n <= head.weight.shape[0], f"{n} tokens but only {head.weight.shape[0]} logits"
-
-    cast = {}  # a frozen bf16 head (the teacher's) is cast to fp32 once, not at every decoded token
-
-    def head_forward(h):
-        w = head.weight[:n]
-        if w.dtype != torch.float32 and not w.requires_grad:
-            if cast.get("key") != (w.data_ptr(), w._version):
-                cast.update(key=(w.data_ptr(), w._version), w=w.float())
-            w = cast["w"]
-        with torch.autocast(h.device.type, enabled=False):
-            bias = None if getattr(head, "bias", None) is None else head.bias[:n].float()
-            return F.linear(h.float(), w.float(), bias)  # (..., n) fp32
-    head.forward, head.n_out = head_forward, n  # attributes of this instance: state_dict, tying and saving are unchanged
+    if type(head) not in (torch.nn.Linear, FP32Head):  # a subclass would lose its own forward
+        die(f"{type(model).__name__}'s LM head is a {type(head).__name__}, not an nn.Linear: fp32_head cannot compute it")
+    head.__class__, head.n_out = FP32Head, n
     return model
 
 
@@ -893,7 +901,7 @@ def seqkd_data(teacher_path, tok, train_rec, path, args, dtype):
     if os.path.exists(path):
         print(f"seqkd: reusing teacher data {path}")
         return load_records(path)
-    teacher = load_model(teacher_path, args.device, dtype, args.trust_remote_code, len(tok))
+    teacher = load_frozen(teacher_path, args.device, dtype, args.trust_remote_code, len(tok))
     prompts, kept = [], []
     for r in train_rec:
         ex = tokenize_example(tok, r, args.max_prompt_len, args.max_len, args.template)
@@ -1144,10 +1152,70 @@ def draw(probs, generator=None):
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)  # first v: cdf_v > u
 
 
+_head_casts = None  # {(FP32Head, dtype): its weight cast to dtype}, inside an autocast() region only
+
+
+@contextmanager
 def autocast(device, dtype):
-    if dtype == torch.bfloat16:
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-    return nullcontext()
+    """bf16 autocast for a bf16 run (nothing for fp32), and the lifetime of the LM heads' weight casts: like torch's
+    own cache of the bf16 copies of fp32 weights, a head's cast (head_weight) is made once per region and dropped at
+    its end. A sampling loop is one region, so a frozen head is cast once per batch of rollouts, not once per token;
+    and no cast outlives its region, so an edit of the weights between regions (an optimizer step, an EMA update
+    through .data, a deepcopy) is always seen."""
+    global _head_casts
+    outer = _head_casts is None
+    if outer:
+        _head_casts = {}
+    try:
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext():
+            yield
+    finally:
+        if outer:
+            _head_casts = None
+
+
+def head_weight(head, w, dtype):
+    """w (the head's rows) in `dtype`, as head_matmul reads it: CUDA tensor cores take bf16 itself; the CPU fallback
+    the bf16 values held in fp32. Cached for the autocast region when no gradient needs the cast."""
+    kernel = dtype if w.is_cuda and MM_OUT_DTYPE else torch.float32
+    if w.dtype == kernel:
+        return w
+    cache = _head_casts is not None and not (torch.is_grad_enabled() and w.requires_grad)
+    if cache and (head, kernel) in _head_casts:
+        return _head_casts[head, kernel]
+    cast = w.to(dtype).to(kernel)  # rounded to dtype first: the CPU computes the numbers the GPU does
+    if cache:
+        _head_casts[head, kernel] = cast
+    return cast
+
+
+MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(a, b, out_dtype=): bf16 in, fp32 out (CUDA, torch >= 2.8)
+
+
+class TensorCoreMatmul(torch.autograd.Function):
+    """h @ w.T for bf16 h (M, d) and w (n, d): fp32 accumulation and an fp32 result on tensor cores (torch.mm has no
+    gradient for out_dtype=, so it is given here). The backward is any bf16 layer's: bf16 matmuls."""
+
+    @staticmethod
+    def forward(ctx, h, w):
+        ctx.save_for_backward(h, w)
+        return torch.mm(h, w.t(), out_dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, g):
+        h, w = ctx.saved_tensors
+        g = g.to(h.dtype)
+        return g @ w, g.t() @ h
+
+
+def head_matmul(h, w, bias=None):
+    """The LM head's matmul from bf16/fp16 inputs h (..., d) and head_weight's w: fp32 accumulation, fp32 logits.
+    CUDA: one tensor-core GEMM. Elsewhere (CPU, or a torch without mm(out_dtype=)): fp32 on the inputs' values,
+    the same numbers (a bf16 value and the product of two are exact in fp32)."""
+    if w.dtype == torch.float32:
+        return F.linear(h.float(), w, bias)
+    z = TensorCoreMatmul.apply(h.reshape(-1, h.shape[-1]), w).view(*h.shape[:-1], w.shape[0])
+    return z if bias is None else z + bias
 
 
 def n_logits(model):
@@ -1453,11 +1521,16 @@ def load_trained(resume, init, args, vocab_size=None):
                       vocab_size)
 
 
+def load_frozen(name, device, dtype=torch.float32, trust_remote_code=False, vocab_size=None):
+    """A model that is only evaluated (the teacher, SeqKD's teacher, eval.py's models, the local judge, the demo's):
+    in eval mode (no dropout) and frozen, so that no forward records a graph and no one can train it by mistake."""
+    return load_model(name, device, dtype, trust_remote_code, vocab_size).eval().requires_grad_(False)
+
+
 def load_teacher(path, args, dtype, vocab_size=None):
     """The frozen teacher p in the compute dtype, in eval mode: whole on every rank, or (--fsdp-teacher) loaded on
     the CPU and sharded, each rank keeping its shard on its device."""
-    teacher = load_model(path, "cpu" if args.fsdp_teacher else args.device, dtype, args.trust_remote_code, vocab_size)
-    teacher = teacher.eval().requires_grad_(False)
+    teacher = load_frozen(path, "cpu" if args.fsdp_teacher else args.device, dtype, args.trust_remote_code, vocab_size)
     return shard(teacher, args.device, dtype) if args.fsdp_teacher else teacher
 
 
