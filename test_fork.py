@@ -1,0 +1,172 @@
+"""Claims that make minillm.py safe to fork: the fp32 LM head behaves like the stock module (deepcopy, pickling, an
+edit through .data, torch.compile), evaluated models are frozen and cast their head once per decode loop, a changed
+flag is never ignored by a rerun, one function per quantity, and --help shows every default. CPU, offline."""
+
+import copy
+import io
+import os
+import re
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import minillm as M
+from test_minillm import tiny_gpt2
+
+HERE = Path(__file__).parent
+V = 40
+
+
+def tiny_llama(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+MODELS = {"gpt2 (tied head)": lambda: M.fp32_head(tiny_gpt2(V, 0, n_layer=1, n_embd=16), V - 2),
+          "llama": lambda: M.fp32_head(tiny_llama(), V - 2)}
+IDS = torch.tensor([[3, 5, 7, 9]])
+
+
+def logits(model, dtype=torch.float32):
+    with M.autocast("cpu", dtype):
+        return M.forward(model, IDS, torch.ones_like(IDS))
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. The fp32 head is the stock module with another forward.
+
+@pytest.mark.parametrize("name", MODELS)
+def test_deepcopy_has_its_own_head(name):
+    """Reference models, EMA teachers and PEFT's modules_to_save copy modules: the copy's logits come from the copy's
+    head, and backward through the copy fills the copy's gradient."""
+    model = MODELS[name]()
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.get_output_embeddings().weight[7, :4] += 100.0  # a row of the copy moves its logit
+    assert (logits(twin)[..., 7] - logits(model)[..., 7]).abs().min() > 1.0
+    logits(twin).sum().backward()
+    assert twin.get_output_embeddings().weight.grad is not None
+    assert model.get_output_embeddings().weight.grad is None
+    assert M.n_logits(twin) == V - 2 and logits(twin).shape[-1] == V - 2
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_torch_save_whole_model(name):
+    model = MODELS[name]()
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
+    assert type(loaded.get_output_embeddings()) is M.FP32Head
+
+
+def test_state_dict_and_tying_unchanged():
+    plain, patched = tiny_gpt2(V, 0, n_layer=1, n_embd=16), MODELS["gpt2 (tied head)"]()
+    assert list(plain.state_dict()) == list(patched.state_dict())
+    assert patched.get_output_embeddings().weight is patched.get_input_embeddings().weight
+
+
+def test_data_edit_between_regions_is_seen():
+    """An EMA update writes through .data (p.data.lerp_), which changes neither data_ptr nor _version: a frozen bf16
+    head must still use the new weights in the next region."""
+    model = M.fp32_head(tiny_llama(0, torch.bfloat16), V - 2).requires_grad_(False)
+    other = tiny_llama(1, torch.bfloat16)
+    logits(model, torch.bfloat16)  # a region that casts the head
+    for p, q in zip(model.parameters(), other.parameters()):
+        p.data.lerp_(q.data, 0.5)
+    fresh = M.fp32_head(tiny_llama(2, torch.bfloat16), V - 2)
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(logits(model, torch.bfloat16), logits(fresh, torch.bfloat16), rtol=0, atol=0)
+
+
+def test_frozen_bf16_head_compiles_fullgraph():
+    """No data_ptr comparison (or other untraceable Python) in the head: dynamo traces it whole."""
+    head = M.fp32_head(tiny_llama(0, torch.bfloat16), V - 2).requires_grad_(False).get_output_embeddings()
+    h = torch.randn(2, 3, 16, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    compiled = torch.compile(head, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(h), head(h), rtol=0, atol=0)
+    assert compiled(h).dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. The head at tensor-core precision: bf16 inputs, fp32 accumulation, fp32 output (no bf16 rounding of logits).
+
+def test_bf16_head_is_fp32_on_bf16_inputs():
+    """Under bf16 the logits are exactly the fp32 product of the bf16-rounded h and W (what a tensor-core GEMM with an
+    fp32 accumulator returns), not bf16 numbers; the gradient reaches the fp32 master weights."""
+    model = MODELS["llama"]()
+    head = model.get_output_embeddings()
+    h = torch.randn(2, 3, 16, requires_grad=True) * 30
+    with M.autocast("cpu", torch.bfloat16):
+        z = head(h)
+    want = h.detach().bfloat16().double() @ head.weight[:V - 2].detach().bfloat16().double().T
+    assert z.dtype == torch.float32
+    torch.testing.assert_close(z.double(), want, rtol=1e-6, atol=1e-5)
+    assert (z != z.bfloat16().float()).any()  # not rounded to bf16
+    z.sum().backward()
+    assert head.weight.grad.dtype == torch.float32 and head.weight.grad[:V - 2].abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Evaluated models are frozen, and a head is cast at most once per decode loop.
+
+class CountHeadCasts(TorchDispatchMode):
+    """Counts conversions to fp32 of a tensor shaped like the head's rows."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.n = tuple(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout) \
+                and tuple(args[0].shape) == self.shape and out.dtype == torch.float32 and args[0].dtype != torch.float32:
+            self.n += 1
+        return out
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_sample_model_casts_the_head_once_per_loop(frozen):
+    model = M.fp32_head(tiny_llama(0, torch.bfloat16), V - 2).requires_grad_(not frozen)
+    ids = torch.tensor([[3, 5, 7], [1, 2, 4]])
+    with CountHeadCasts((V - 2, 16)) as count:
+        out = M.sample_model(model, ids, torch.ones_like(ids), eos_id=V + 5, pad_id=0, max_new_tokens=6,
+                             dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    assert out.shape[1] == 6 and count.n <= 1
+
+
+def test_sample_rollouts_casts_each_head_once_per_loop():
+    student = M.fp32_head(tiny_llama(0), V - 2)  # fp32 master weights, trained
+    teacher = M.fp32_head(tiny_llama(1, torch.bfloat16), V - 2).requires_grad_(False)
+    ids = torch.tensor([[3, 5, 7], [1, 2, 4]])
+    with CountHeadCasts((V - 2, 16)) as count:
+        roll = M.sample_rollouts(student, teacher, ids, torch.ones_like(ids), V + 5, 0, max_new_tokens=6,
+                                 dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    assert roll["tokens"].shape[1] == 6 and count.n <= 2  # one per head
+
+
+def test_evaluated_models_are_frozen():
+    """eval.py, demo.py and SeqKD load every model they only evaluate with load_frozen (eval mode, no gradient)."""
+    for f in ["eval.py", "demo.py"]:
+        src = (HERE / f).read_text()
+        assert "load_model(" not in src, f"{f}: use load_frozen for models that are only evaluated"
+    assert "teacher = load_frozen(" in (HERE / "minillm.py").read_text().split("def seqkd_data")[1].split("def ")[0]
+
+
+def test_load_frozen(tmp_path):
+    tiny_gpt2(V, 0, n_layer=1, n_embd=16).save_pretrained(tmp_path)
+    model = M.load_frozen(str(tmp_path), "cpu", vocab_size=V - 2)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert M.n_logits(model) == V - 2
