@@ -1178,7 +1178,7 @@ def head_weight(head, w, dtype):
     """w (the head's rows) in `dtype`, as head_matmul reads it: CUDA tensor cores take bf16 itself; the CPU fallback
     the bf16 values held in fp32. Cached for the autocast region when no gradient needs the cast."""
     kernel = dtype if w.is_cuda and MM_OUT_DTYPE else torch.float32
-    if w.dtype == kernel:
+    if w.dtype == dtype == kernel:
         return w
     cache = _head_casts is not None and not (torch.is_grad_enabled() and w.requires_grad)
     if cache and (head, kernel) in _head_casts:
