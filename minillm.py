@@ -1782,19 +1782,45 @@ def maybe_stop(args, stage, steps_done, step):
         sys.exit(3)
 
 
-# Flags that change neither the method nor its numbers beyond float rounding (memory, logging, device):
-# a run folder accepts a rerun that changes them, e.g. a smaller micro-batch after an out-of-memory crash.
+# Flags that change neither the method nor its numbers beyond float rounding (memory, logging, device, the run
+# folder's own place): a run folder accepts a rerun that changes them, e.g. a smaller micro-batch after an
+# out-of-memory crash, or the folder copied to another disk.
 HARMLESS = {"log_interval", "save_interval", "stop_after", "overwrite", "method", "device", "micro_batch_size",
-            "sft_micro_batch_size", "gen_batch_size", "teacher_logits"}
+            "sft_micro_batch_size", "gen_batch_size", "teacher_logits", "out"}
+PATHS = ["teacher", "student", "data", "pt_data"]  # compared relative to --out when they lie inside it
 STAGES = ["teacher-sft", "student-sft", "minillm", "sft", "kd", "seqkd"]
+
+
+def run_settings(settings):
+    """What args.json records and a rerun must match: every flag, with paths inside the run folder written relative
+    to it ("$OUT/student-sft"), so that a run folder moved or copied elsewhere is still the same run."""
+    now = json.loads(json.dumps(settings))
+    out = Path(now["out"]).resolve()
+    for k in PATHS:
+        if isinstance(now.get(k), str) and not now[k].startswith("$OUT/") and Path(now[k]).resolve().is_relative_to(out):
+            now[k] = "$OUT/" + Path(now[k]).resolve().relative_to(out).as_posix()
+    return now
+
+
+def parser_defaults(recipe="paper"):
+    """Every flag's default as the parser gives it (the recipe's for the RECIPES flags): what a run recorded before
+    a flag existed must have used."""
+    d = vars(build_parser().parse_args([]))
+    d.update({name: paper if recipe == "paper" else lmops for name, (paper, lmops) in RECIPES.items()})
+    return json.loads(json.dumps(d))
 
 
 def prepare_out(out, args):
     """Refuse a run folder that holds a run with other arguments: its stages would be skipped or resumed
-    under settings they were not trained with. With --overwrite, its stages are deleted instead."""
-    now = json.loads(json.dumps(vars(args)))
-    old = json.loads((out / "args.json").read_text()) if (out / "args.json").exists() else {}
-    diff = [k for k in now if k in old and k not in HARMLESS and now[k] != old[k]]
+    under settings they were not trained with. A flag the old args.json does not know (one a fork added since) is
+    compared with its default. With --overwrite, its stages are deleted instead."""
+    now = run_settings(vars(args))
+    old = json.loads((out / "args.json").read_text()) if (out / "args.json").exists() else None
+    diff = []
+    if old is not None:
+        default = parser_defaults(old.get("recipe", "paper"))
+        old = run_settings({k: old.get(k, default.get(k)) for k in now})  # an older args.json: absolute paths
+        diff = [k for k in now if k not in HARMLESS and now[k] != old[k]]
     if diff and not args.overwrite:
         changes = ", ".join(f"--{k.replace('_', '-')} {old[k]} -> {now[k]}" for k in diff[:4])
         die(f"{out} holds a run with other arguments ({changes}); rerun with the same arguments to resume, "
@@ -1810,7 +1836,7 @@ def prepare_out(out, args):
     barrier()
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / "args.json", json.dumps(vars(args), indent=1))
+        write_atomic(out / "args.json", json.dumps(now, indent=1))
     barrier()
 
 

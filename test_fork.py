@@ -4,6 +4,7 @@ flag is never ignored by a rerun, one function per quantity, and --help shows ev
 
 import copy
 import io
+import json
 import os
 import re
 import subprocess
@@ -170,3 +171,39 @@ def test_load_frozen(tmp_path):
     model = M.load_frozen(str(tmp_path), "cpu", vocab_size=V - 2)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert M.n_logits(model) == V - 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. A changed flag is never silently ignored; a run folder can move.
+
+def settings(out, *flags):
+    return M.parse_args(["--device", "cpu", "--out", str(out), *flags])
+
+
+def test_a_flag_the_old_run_did_not_record_is_compared_with_its_default(tmp_path, capsys):
+    """A fork adds a flag (here: an old args.json without "alpha"); a rerun that sets it must not be skipped as done."""
+    M.prepare_out(tmp_path, settings(tmp_path))
+    old = json.loads((tmp_path / "args.json").read_text())
+    del old["alpha"], old["gamma"]  # gamma: a RECIPES flag, whose default is the recipe's
+    (tmp_path / "args.json").write_text(json.dumps(old))
+    M.prepare_out(tmp_path, settings(tmp_path))  # the default: the same run
+    (tmp_path / "args.json").write_text(json.dumps(old))
+    with pytest.raises(SystemExit) as e:
+        M.prepare_out(tmp_path, settings(tmp_path, "--alpha", "0.5"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--alpha 0.2 -> 0.5" in err and err.count("\n") == 1
+    assert "alpha" not in json.loads((tmp_path / "args.json").read_text())  # nothing written
+
+
+def test_a_copied_run_folder_is_the_same_run(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    (a / "student-sft").mkdir(parents=True)
+    M.prepare_out(a, settings(a, "--student", str(a / "student-sft"), "--skip-student-sft"))
+    import shutil
+    shutil.copytree(a, b)
+    M.prepare_out(b, settings(b, "--student", str(b / "student-sft"), "--skip-student-sft"))  # accepted
+    assert json.loads((b / "args.json").read_text())["student"] == "$OUT/student-sft"
+    with pytest.raises(SystemExit):  # another student is still another run
+        M.prepare_out(b, settings(b, "--student", str(a / "student-sft"), "--skip-student-sft"))
+    with pytest.raises(SystemExit):
+        M.prepare_out(b, settings(b, "--student", "gpt2-medium", "--skip-student-sft"))
