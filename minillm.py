@@ -66,8 +66,19 @@ RECIPES = {
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the description's line breaks and ends every flag's line with its default (unless None: the
+    RECIPES flags say theirs); a switch (--fsdp, --no-length-norm) is off unless given."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if action.option_strings and action.default not in (None, argparse.SUPPRESS) and "%(default)" not in help:
+            help += " (default: off)" if action.nargs == 0 else " (default: %(default)s)"
+        return help
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=HelpFormatter)
     g = p.add_argument_group("models and data")
     g.add_argument("--teacher", default="gpt2-xl", help="teacher p: hub name or local folder")
     g.add_argument("--student", default="gpt2", help="student q_θ: hub name or local folder")
@@ -92,22 +103,22 @@ def build_parser():
     g.add_argument("--max-new-tokens", type=int, default=256, help="response tokens sampled per rollout")
 
     g = p.add_argument_group("SFT (teacher and student initialisation)")
-    g.add_argument("--teacher-lr", type=float, default=5e-5)
-    g.add_argument("--teacher-epochs", type=int, default=10)
-    g.add_argument("--student-lr", type=float, default=5e-4)
+    g.add_argument("--teacher-lr", type=float, default=5e-5, help="teacher SFT learning rate")
+    g.add_argument("--teacher-epochs", type=int, default=10, help="teacher SFT epochs; the lowest-val-loss epoch is kept")
+    g.add_argument("--student-lr", type=float, default=5e-4, help="student SFT learning rate (also kd and seqkd)")
     g.add_argument("--student-epochs", type=int, default=20, help="official script: 20 (paper: 3); the lowest-val-loss epoch is kept")
-    g.add_argument("--sft-batch-size", type=int, default=32)
+    g.add_argument("--sft-batch-size", type=int, default=32, help="examples per SFT optimizer step")
     g.add_argument("--sft-micro-batch-size", type=int, default=8, help="gradient accumulation; the update is the same for any value")
     g.add_argument("--sft-max-steps", type=int, default=0, help="stop each SFT after this many steps (0 = all epochs); for tests")
-    g.add_argument("--sft-weight-decay", type=float, default=0.01)
+    g.add_argument("--sft-weight-decay", type=float, default=0.01, help="AdamW weight decay in SFT")
     g.add_argument("--min-lr", type=float, default=1e-7, help="cosine schedule floor (no warmup)")
 
     g = p.add_argument_group("MiniLLM distillation (NOTES §1-3)")
     g.add_argument("--recipe", choices=["paper", "lmops"], default="paper", help="defaults for the flags below: the paper's or the official code's")
     g.add_argument("--steps", type=int, default=5000, help="optimizer steps")
     g.add_argument("--lr", type=float, default=5e-6, help="constant after warmup")
-    g.add_argument("--warmup-steps", type=int, default=100)
-    g.add_argument("--weight-decay", type=float, default=1e-6)
+    g.add_argument("--warmup-steps", type=int, default=100, help="linear warmup of the distillation learning rate")
+    g.add_argument("--weight-decay", type=float, default=1e-6, help="AdamW weight decay in distillation")
     g.add_argument("--batch-size", type=int, default=64, help="rollouts per optimizer step (paper: 64)")
     g.add_argument("--micro-batch-size", type=int, default=16, help="gradient accumulation; the update is the same for any value")
     g.add_argument("--rollouts", type=int, default=256, help="rollouts per collection, reused for --ppo-epochs")
@@ -115,15 +126,15 @@ def build_parser():
     g.add_argument("--ppo-epochs", type=int, default=4, help="inner epochs over each collection")
     g.add_argument("--alpha", type=float, default=0.2, help="teacher-mixed sampling p~ = α·p + (1-α)·q_θ; 0 = pure student")
     g.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip of the ratio ρ_t = w_t·q_θ/q_old; 0 = no clipping")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature τ of the rollouts (log-probs stay at τ = 1)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling of the rollouts; 1 = off")
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
     g.add_argument("--no-length-norm", dest="length_norm", action="store_false", help="use the raw sum R_{t+1} instead of its mean over the remaining tokens")
     g.add_argument("--no-single-step", dest="single_step", action="store_false", help="drop the full-vocabulary KL term; r_t then goes back into the sampled return")
     g.add_argument("--normalize", choices=["token", "sequence"], default="token", help="loss = Σ/(response tokens) as the official code, or Σ/(sequences)")
     g.add_argument("--pt-coef", type=float, default=1.0, help="weight of L_PT; 0 = off")
     g.add_argument("--pt-batch-size", type=int, default=8, help="pre-training chunks per optimizer step")
-    g.add_argument("--pt-seq-len", type=int, default=512)
+    g.add_argument("--pt-seq-len", type=int, default=512, help="tokens per pre-training chunk of L_PT")
     for name, (paper, lmops) in RECIPES.items():  # default None: filled from --recipe unless given
         kind = {"action": argparse.BooleanOptionalAction} if isinstance(paper, bool) else {"type": type(paper)}
         g.add_argument("--" + name.replace("_", "-"), default=None, help=f"paper: {paper}, lmops: {lmops}", **kind)
@@ -133,11 +144,11 @@ def build_parser():
                         "or recompute them with a teacher forward on every micro-batch (the official code; no buffer)")
 
     g = p.add_argument_group("system")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
     g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--log-interval", type=int, default=1)
-    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=42, help="sets every RNG (offset by rank)")
+    g.add_argument("--log-interval", type=int, default=1, help="print a step line every N steps (log.jsonl has every step)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
 
     g = p.add_argument_group("long runs: rerun the same command to resume (README: Long runs and many GPUs)")
     g.add_argument("--save-interval", type=int, default=500,
@@ -291,17 +302,14 @@ def whiten(x, mask, eps=1e-8):
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
-def single_step_kl(logits_student, logits_teacher):
-    """KL(q_θ(·|y_<t) || p(·|y_<t)) = Σ_v q_θ(v) [log q_θ(v) - log p(v)] at every position, (B, N).
-
-    This is -E_{y_t~q_θ}[r_t] taken over the whole vocabulary instead of by sampling: (∇L)_Single.
-    The teacher is a constant: the gradient flows through the student only.
-    """
-    return reverse_kl(torch.log_softmax(upcast(logits_student), dim=-1), torch.log_softmax(upcast(logits_teacher), dim=-1))
-
-
 def reverse_kl(logq, logp):
-    """single_step_kl from log-probabilities (B, N, V): the loss computes log q_θ once and reads it twice."""
+    """KL(q_θ(·|y_<t) || p(·|y_<t)) = Σ_v q_θ(v) [log q_θ(v) - log p(v)] at every position, from the log-probabilities
+    log q_θ and log p over the vocabulary, (B, N, V) -> (B, N).
+
+    The single-step term: -E_{y_t~q_θ}[r_t] taken over the whole vocabulary instead of by sampling, (∇L)_Single.
+    The teacher is a constant: the gradient flows through the student only. The one definition of the divergence:
+    the loss, the logged `rkl` (sample_rollouts) and the tests call it, so a fork that swaps it edits this function.
+    """
     return (logq.exp() * (logq - logp.detach())).sum(-1)
 
 
@@ -501,7 +509,7 @@ def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_id, pad_id, m
             rec["logp_student"].append(lq_y)
             rec["logp_teacher"].append(lp_y)
             rec["logp_mix"].append(mixture_logprobs(lq_y, lp_y, alpha) if plain else mix.gather(-1, y[:, None]).squeeze(-1).log())
-            rec["kl"].append((q * (logq - logp)).sum(-1))
+            rec["kl"].append(reverse_kl(logq, logp))
             rec["top1"].append((zs.argmax(-1) == zt.argmax(-1)).float())  # a diagnostic: do both models agree here?
             if keep_teacher_logits:  # clamped so that fp16 holds it (-inf would make 0·inf = NaN in a KL)
                 teacher_out[:, t].copy_(logp.clamp(min=-1e4), non_blocking=True)
@@ -722,6 +730,12 @@ def collect_rollouts(student, teacher, prompts, args, eos_id, pad_id, dtype, gen
     # Without the single-step term, r_t must be sampled inside the return again (paper's ablation).
     include_current = args.include_current or not args.single_step
     adv = long_term_returns(r, mask, args.gamma, include_current, args.length_norm)
+    # A fork's extra reward. A per-token term c added to r_t (say a length penalty, c = -λ on every token) is mostly
+    # cancelled under length normalisation: R^Norm_{t+1} is the *mean* of the future rewards, so c shifts every
+    # return but the last (which is 0) by about c, whatever the response's length; only --no-length-norm sums it
+    # into a length-dependent (T-t-1)·c. A sequence-level reward R(y), shape (B,) (a length penalty, a judge's
+    # score), goes undivided into the advantage of every response token instead, here:
+    #     adv = adv + R[:, None] * mask
     buf["adv"] = whiten_global(adv, mask) if args.whiten else adv  # statistics over every rank's rollouts
     buf["rewards"] = r
     return buf

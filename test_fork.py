@@ -2,6 +2,7 @@
 edit through .data, torch.compile), evaluated models are frozen and cast their head once per decode loop, a changed
 flag is never ignored by a rerun, one function per quantity, and --help shows every default. CPU, offline."""
 
+import argparse
 import copy
 import io
 import json
@@ -9,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -207,3 +207,39 @@ def test_a_copied_run_folder_is_the_same_run(tmp_path, capsys):
         M.prepare_out(b, settings(b, "--student", str(a / "student-sft"), "--skip-student-sft"))
     with pytest.raises(SystemExit):
         M.prepare_out(b, settings(b, "--student", "gpt2-medium", "--skip-student-sft"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. One function per quantity; tests' arguments come from the real parser; --help shows the defaults.
+
+def test_a_fork_that_swaps_the_divergence_edits_one_function(monkeypatch):
+    """The loss's single-step term and the logged rkl both come from reverse_kl: replace it, and both follow."""
+    monkeypatch.setattr(M, "reverse_kl", lambda logq, logp: torch.full(logq.shape[:-1], 7.0))
+    student, teacher = M.fp32_head(tiny_llama(0), V - 2), M.fp32_head(tiny_llama(1), V - 2).requires_grad_(False)
+    ids = torch.tensor([[3, 5, 7], [1, 2, 4]])
+    roll = M.sample_rollouts(student, teacher, ids, torch.ones_like(ids), V + 5, 0, max_new_tokens=3,
+                             generator=torch.Generator().manual_seed(0))
+    assert torch.equal(roll["kl"], 7.0 * roll["mask"])
+    mb = {**roll, "prompt_ids": ids, "prompt_mask": torch.ones_like(ids), "adv": torch.zeros_like(roll["w"])}
+    from test_minillm import loss_args
+    _, stats = M.minillm_loss(student, mb, loss_args(), n_norm=1.0)
+    assert stats["loss_single"] == pytest.approx(7.0 * roll["mask"].sum().item())
+    assert "`single_step_kl`" not in (HERE / "minillm.py").read_text() and not hasattr(M, "single_step_kl")
+
+
+def test_loss_args_come_from_the_parser():
+    from test_minillm import loss_args
+    args = loss_args(clip_eps=0.2)
+    assert vars(args).keys() == vars(M.parse_args(["--device", "cpu"])).keys() and args.clip_eps == 0.2
+
+
+def test_help_shows_every_default():
+    p = M.build_parser()
+    fmt = p._get_formatter()
+    for a in p._actions:
+        if not a.option_strings or a.default in (None, argparse.SUPPRESS):
+            continue
+        text = " ".join(fmt._format_action(a).split())
+        want = "(default: off)" if a.nargs == 0 else f"(default: {a.default})"
+        assert want in text, f"--help of {a.option_strings[0]} does not show its default: {text}"
+    assert "Paper: Gu, Dong, Wei, Huang" in p.format_help()  # the description keeps its line breaks
