@@ -120,6 +120,17 @@ def test_bf16_head_is_fp32_on_bf16_inputs():
     assert head.weight.grad.dtype == torch.float32 and head.weight.grad[:V - 2].abs().sum() > 0
 
 
+def test_tensor_core_matmul_autograd_shapes():
+    """The CUDA path (torch.mm with out_dtype=, which has no gradient of its own) traced on the meta device: fp32
+    logits, bf16 gradients of the shapes of h and W."""
+    h = torch.empty(6, 16, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.empty(V - 2, 16, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    z = M.TensorCoreMatmul.apply(h, w)
+    assert z.dtype == torch.float32 and z.shape == (6, V - 2)
+    z.sum().backward()
+    assert h.grad.shape == h.shape and w.grad.shape == w.shape and h.grad.dtype == torch.bfloat16
+
+
 # ---------------------------------------------------------------------------------------------------
 # 3. Evaluated models are frozen, and a head is cast at most once per decode loop.
 
