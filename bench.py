@@ -497,7 +497,8 @@ def head_precision(kind, d, vocab, rows=8, seed=0):
     |Δ log p| at a token drawn from p (what reaches a reward or a ratio), the max over tokens with p >= 1e-4, and the
     logit range."""
     opts = ["fp32", "tf32", "bf16 in, fp32 out (bf16x3 split)", "bf16 in, fp32 out", "bf16 out",
-            "bf16 in, fp32 out, W stored in bf16"]
+            "bf16 in, fp32 out, W stored in bf16", "h split in 2 bf16, W bf16 (chosen for fp32 h)",
+            "h split in 2 bf16, W stored in bf16"]
     z = {k: [] for k in ["fp64", "fp64, W stored in bf16"] + opts}
     for h, w in synthetic_head(kind, d, vocab, rows, seed):
         z["fp64"].append(h @ w.T)
@@ -510,6 +511,8 @@ def head_precision(kind, d, vocab, rows=8, seed=0):
         z["bf16 in, fp32 out"].append(bf.float().double())
         z["bf16 out"].append(bf.float().bfloat16().double())
         z["bf16 in, fp32 out, W stored in bf16"].append(bf.float().double())
+        z["h split in 2 bf16, W bf16 (chosen for fp32 h)"].append(((hh + hl) @ wh.T).float().double())
+        z["h split in 2 bf16, W stored in bf16"].append(((hh + hl) @ wh.T).float().double())
     z = {k: torch.cat(v, dim=1) for k, v in z.items()}
     ref = torch.log_softmax(z["fp64"], -1)
     p = ref.exp()
@@ -529,7 +532,8 @@ def head_report(smoke=False):
         shapes = {k: (kind, 64, 3000) for k, (kind, _, _) in shapes.items()}
     return {"flop_share": {name: head_flop_share(cfg) for name, cfg in HEAD_CONFIGS.items()},
             "logprob_error_nats": {name: head_precision(*s) for name, s in shapes.items()},
-            "choice": "bf16 in, fp32 out",
+            "choice": "bf16 GEMMs with fp32 accumulation and output, every fp32 operand split in 2 bf16 parts "
+                      "(1 GEMM for a bf16 teacher with bf16 h, 2 with fp32 h, 2-3 for the fp32 student)",
             "notes": "flop_share: the head's share of a token's matmul FLOPs (context 384), and the estimated step time with "
                      f"an IEEE-fp32 head on CUDA cores over one on bf16 tensor cores ({FP32_VS_TENSOR_CORE}x per FLOP). "
                      "logprob_error_nats: synthetic heads (random weights of the real sizes), log_softmax error against fp64; "

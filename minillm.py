@@ -404,11 +404,10 @@ def tokenize_example(tok, rec, max_prompt_len, max_len, template="alpaca"):
 class FP32Head(torch.nn.Linear):
     """The LM head, returning fp32 logits for its first `n_out` tokens, whatever the autocast.
 
-    fp32 logits: GPT-2's logits sit near -60, where one bf16 step is 0.25 nats; a bf16 *output* would put that much
-    noise into every log q_θ, log p, reward and KL. The inputs are another matter: under bf16 the head reads bf16 h and
-    W (rounding each by at most 2^-9, as every bf16 layer before it does), accumulates and returns fp32, on tensor
-    cores (head_matmul; bench.py measures the error of each choice: ~1e-2 nats against 0.25 for a bf16 output). An fp32
-    run computes the head in IEEE fp32. The blocks run as they are; only this one matmul is special.
+    fp32 logits: GPT-2's logits sit near -60, where one bf16 step is 0.25 nats; a bf16 head would put that much noise
+    into every log q_θ, log p, reward and KL. Under bf16 the head still runs on tensor cores: fp32 operands are split
+    into two bf16 parts and 1-3 bf16 GEMMs with fp32 accumulation give fp32-grade logits (head_matmul; bench.py
+    measures each choice against fp64). An fp32 run computes the head in IEEE fp32. Only this one matmul is special.
     n_out: models of one family share a tokenizer but pad their embedding matrix differently (Qwen2.5-1.5B: 151,936
     rows, 7B: 152,064, for 151,665 tokens). The padded rows are no tokens: no KL may sum over them and no sample may
     draw them, so the head computes the shared rows only.
@@ -422,7 +421,7 @@ class FP32Head(torch.nn.Linear):
         with torch.autocast(h.device.type, enabled=False):
             if low not in (torch.bfloat16, torch.float16):  # an fp32 run: IEEE fp32
                 return F.linear(h.float(), w.float(), bias)
-            return head_matmul(h.to(low), head_weight(self, w, low), bias)
+            return head_matmul(h, head_weight(self, w, low), low, bias)
 
 
 def fp32_head(model, vocab_size=None):
@@ -1189,18 +1188,27 @@ def autocast(device, dtype):
 
 
 def head_weight(head, w, dtype):
-    """w (the head's rows) in `dtype`, as head_matmul reads it: CUDA tensor cores take bf16 itself; the CPU fallback
-    the bf16 values held in fp32. Cached for the autocast region when no gradient needs the cast."""
+    """w (the head's rows) as head_matmul reads it: a list of `dtype` parts whose sum is w, one for a bf16 w (a
+    teacher's), two (hi, lo) for an fp32 w (a student's master weights), so that no bit a fp32 head would see is
+    lost. CUDA tensor cores take the bf16 parts; the CPU fallback their values held in fp32. Cached for the autocast
+    region when no gradient needs the cast."""
     kernel = dtype if w.is_cuda and MM_OUT_DTYPE else torch.float32
-    if w.dtype == dtype == kernel:
-        return w
     cache = _head_casts is not None and not (torch.is_grad_enabled() and w.requires_grad)
     if cache and (head, kernel) in _head_casts:
         return _head_casts[head, kernel]
-    cast = w.to(dtype).to(kernel)  # rounded to dtype first: the CPU computes the numbers the GPU does
+    parts = split(w, dtype)
+    parts = [x.to(kernel) for x in parts]  # rounded to dtype first: the CPU computes the numbers the GPU does
     if cache:
-        _head_casts[head, kernel] = cast
-    return cast
+        _head_casts[head, kernel] = parts
+    return parts
+
+
+def split(x, dtype):
+    """x as [x] if it is already in `dtype`, else [hi, lo] in `dtype` with hi + lo = x to ~16 mantissa bits."""
+    if x.dtype == dtype:
+        return [x]
+    hi = x.to(dtype)
+    return [hi, (x - hi.to(x.dtype)).to(dtype)]
 
 
 MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(a, b, out_dtype=): bf16 in, fp32 out (CUDA, torch >= 2.8)
@@ -1222,13 +1230,21 @@ class TensorCoreMatmul(torch.autograd.Function):
         return g @ w, g.t() @ h
 
 
-def head_matmul(h, w, bias=None):
-    """The LM head's matmul from bf16/fp16 inputs h (..., d) and head_weight's w: fp32 accumulation, fp32 logits.
-    CUDA: one tensor-core GEMM. Elsewhere (CPU, or a torch without mm(out_dtype=)): fp32 on the inputs' values,
-    the same numbers (a bf16 value and the product of two are exact in fp32)."""
-    if w.dtype == torch.float32:
-        return F.linear(h.float(), w, bias)
-    z = TensorCoreMatmul.apply(h.reshape(-1, h.shape[-1]), w).view(*h.shape[:-1], w.shape[0])
+def head_matmul(h, w, low=torch.bfloat16, bias=None):
+    """The LM head's matmul at fp32 precision from `low` (bf16) GEMMs with fp32 accumulation and fp32 logits.
+    Each fp32 operand is split into two bf16 parts (split: hi + lo keeps ~16 bits) and the products hi·hi, hi·lo,
+    lo·hi are summed (lo·lo is below fp32's resolution): the logits equal an IEEE-fp32 head's to ~1e-5 nats (bench.py),
+    so no rounding reaches a reward or the PPO ratio. A bf16 teacher (bf16 W) with a bf16 h (Llama's RMSNorm returns
+    bf16) takes 1 GEMM; with an fp32 h (GPT-2's LayerNorm under autocast) 2; the fp32 student 2 or 3. On tensor
+    cores that is still ~5x cheaper than one fp32 GEMM on CUDA cores. w: head_weight's parts.
+    CUDA: tensor-core GEMMs. Elsewhere (CPU, or a torch without mm(out_dtype=)): fp32 on the same values, the same
+    numbers (a bf16 value and the product of two are exact in fp32)."""
+    hs = split(h, low) if h.dtype == torch.float32 else [h.to(low)]
+    pairs = [(x, y) for i, x in enumerate(hs) for j, y in enumerate(w) if i + j < 2]  # all but lo·lo
+    if w[0].dtype == torch.float32:
+        z = sum(F.linear(x.float(), y) for x, y in pairs)
+    else:
+        z = sum(TensorCoreMatmul.apply(x.reshape(-1, h.shape[-1]), y) for x, y in pairs).view(*h.shape[:-1], w[0].shape[0])
     return z if bias is None else z + bias
 
 
