@@ -497,7 +497,7 @@ def head_precision(kind, d, vocab, rows=8, seed=0):
     |Δ log p| at a token drawn from p (what reaches a reward or a ratio), the max over tokens with p >= 1e-4, and the
     logit range."""
     opts = ["fp32", "tf32", "bf16 in, fp32 out (bf16x3 split)", "bf16 in, fp32 out", "bf16 out",
-            "bf16 in, fp32 out, W stored in bf16", "h split in 2 bf16, W bf16 (chosen for fp32 h)",
+            "bf16 in, fp32 out, W stored in bf16", "h split in 2 bf16, W rounded to bf16",
             "h split in 2 bf16, W stored in bf16"]
     z = {k: [] for k in ["fp64", "fp64, W stored in bf16"] + opts}
     for h, w in synthetic_head(kind, d, vocab, rows, seed):
@@ -511,7 +511,7 @@ def head_precision(kind, d, vocab, rows=8, seed=0):
         z["bf16 in, fp32 out"].append(bf.float().double())
         z["bf16 out"].append(bf.float().bfloat16().double())
         z["bf16 in, fp32 out, W stored in bf16"].append(bf.float().double())
-        z["h split in 2 bf16, W bf16 (chosen for fp32 h)"].append(((hh + hl) @ wh.T).float().double())
+        z["h split in 2 bf16, W rounded to bf16"].append(((hh + hl) @ wh.T).float().double())
         z["h split in 2 bf16, W stored in bf16"].append(((hh + hl) @ wh.T).float().double())
     z = {k: torch.cat(v, dim=1) for k, v in z.items()}
     ref = torch.log_softmax(z["fp64"], -1)
