@@ -31,6 +31,10 @@ What is measured, each a median of --repeats rounds after one warm-up round; eve
                          then grad clip + AdamW. We sample with the teacher in the loop instead and never re-run it.
                          Target <= 0.80.
   5. peak memory per phase (CUDA: max_memory_allocated; CPU: the process RSS, polled) and tokens/s.
+  6. lm_head               the LM head's share of a step's FLOPs for GPT-2, Qwen2.5-0.5B/1.5B and Llama-3.2-1B
+                         students (from their configs) and the log-probability error of each way of computing it
+                         (fp32, TF32, bf16 inputs with fp32 output, bf16 output) against fp64, on synthetic heads of
+                         the real sizes (smoke shapes: toy sizes).
 
 trl is optional (`pip install trl`); without it step_vs_trl is null and a note says why.
 
@@ -625,6 +629,123 @@ def fsdp_memory(root):
                    f"glibc malloc with {MALLOC_ENV} (see MALLOC_ENV)"}
 
 
+# The LM head (issue: the fp32 head at tensor-core speed). Its share of a step's FLOPs, from published configs
+# (no download), and what each way of computing it does to log-probabilities, against an fp64 reference.
+
+# hidden d, layers, query heads, K/V heads, head dim, MLP width, gated MLP (3 matrices), tokens the head computes
+HEAD_CONFIGS = {
+    "gpt2 (124M)": dict(d=768, layers=12, heads=12, kv_heads=12, head_dim=64, ffn=3072, gated=False, vocab=50257),
+    "Qwen2.5-0.5B": dict(d=896, layers=24, heads=14, kv_heads=2, head_dim=64, ffn=4864, gated=True, vocab=151665),
+    "Qwen2.5-1.5B": dict(d=1536, layers=28, heads=12, kv_heads=2, head_dim=128, ffn=8960, gated=True, vocab=151665),
+    "Llama-3.2-1B": dict(d=2048, layers=16, heads=32, kv_heads=8, head_dim=64, ffn=8192, gated=True, vocab=128256),
+}
+FP32_VS_TENSOR_CORE = 14.8  # H100/H200 SXM dense: bf16 tensor cores 989 TFLOP/s ÷ fp32 CUDA cores 67 TFLOP/s
+
+
+def head_flop_share(cfg, context=384):
+    """The LM head's share of the matmul FLOPs per token (forward; the backward is 2x of every matmul alike, so a
+    training step has the same share). context: the mean number of positions a response token attends to (MiniLLM:
+    prompt 256 + 256 new tokens -> 384)."""
+    d, q = cfg["d"], cfg["heads"] * cfg["head_dim"]
+    proj = 2 * d * q * 2 + 2 * d * cfg["kv_heads"] * cfg["head_dim"] * 2  # W_q, W_o; W_k, W_v
+    mlp = 2 * d * cfg["ffn"] * (3 if cfg["gated"] else 2)
+    attn = 2 * 2 * context * q  # q·k over the context, then the weighted sum of v
+    head = 2 * d * cfg["vocab"]
+    share = head / (cfg["layers"] * (proj + mlp + attn) + head)
+    return dict(head_share=share, step_fp32_head_vs_tensor_core=(1 - share) + share * FP32_VS_TENSOR_CORE)
+
+
+def round_tf32(x):
+    """fp32 -> TF32 (10 mantissa bits, round to nearest even), as a tensor core reads fp32 inputs under TF32."""
+    b = x.float().view(torch.int32)
+    b = (b + 0x0FFF + ((b >> 13) & 1)) & ~0x1FFF
+    return b.view(torch.float32).double()
+
+
+def bf16_split(x):
+    """x ≈ hi + lo with hi, lo bf16: the '3 bf16 matmuls' trick (hi·hi + hi·lo + lo·hi) keeps ~16 mantissa bits."""
+    hi = x.float().bfloat16().double()
+    return hi, (x - hi).float().bfloat16().double()
+
+
+def synthetic_head(kind, d, vocab, rows, seed=0, chunk=4096):
+    """Final hidden states h (rows, d) and the head W (vocab, d) in fp64, generated chunk by chunk (W is never held
+    whole). gpt2-like: every row of W shares a mean direction μ that h points away from, so the logits sit around
+    -50 with a spread of a few nats (GPT-2's logits are near -60). llama-like: zero-mean rows, logits around 0 with
+    a few sharp winners (std 0.02 rows, |h| ~ 125). Yields (h, W_chunk)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "gpt2":
+        mu = torch.randn(d, generator=g, dtype=torch.float64)
+        mu = mu / mu.norm() * 2.0
+        sigma = 0.14
+        noise = torch.randn(rows, d, generator=g, dtype=torch.float64)
+        noise -= (noise @ mu)[:, None] * mu / mu.dot(mu)
+        h = -25.0 * mu / mu.norm() + noise / noise.norm(dim=1, keepdim=True) * 3.0 / sigma
+    else:
+        sigma = 0.02
+        h = torch.randn(rows, d, generator=g, dtype=torch.float64) * (125.0 / d ** 0.5)
+    for start in range(0, vocab, chunk):
+        n = min(chunk, vocab - start)
+        w = torch.randn(n, d, generator=g, dtype=torch.float64) * sigma
+        if kind == "gpt2":
+            w += mu
+        elif start == 0:  # a few tokens the model is sure about: logits up to ~+20
+            w[:rows] += 0.16 * h / h.norm(dim=1, keepdim=True)  # row i of h favours token i
+        yield h, w
+
+
+def head_precision(kind, d, vocab, rows=8, seed=0):
+    """Each way of computing the head's logits -> log_softmax in fp32 (as the losses), against fp64 throughout.
+    "W stored in bf16": the error against the fp64 head of the bf16 weights a teacher actually has (a Llama-family h
+    is bf16 already, its RMSNorm returns the input dtype, so there the bf16-input head equals the fp32 one exactly).
+    Inputs h and W are rounded as the hardware would (emulated in fp64; the accumulation is exact then rounded once to
+    fp32, which differs from a tensor core's fp32 accumulation by ~1e-7 relative). Returns, per option, the mean
+    |Δ log p| at a token drawn from p (what reaches a reward or a ratio), the max over tokens with p >= 1e-4, and the
+    logit range."""
+    opts = ["fp32", "tf32", "bf16 in, fp32 out (bf16x3 split)", "bf16 in, fp32 out", "bf16 out",
+            "bf16 in, fp32 out, W stored in bf16", "h split in 2 bf16, W rounded to bf16",
+            "h split in 2 bf16, W stored in bf16"]
+    z = {k: [] for k in ["fp64", "fp64, W stored in bf16"] + opts}
+    for h, w in synthetic_head(kind, d, vocab, rows, seed):
+        z["fp64"].append(h @ w.T)
+        z["fp64, W stored in bf16"].append(h @ w.float().bfloat16().double().T)  # a bf16 teacher's head, exactly
+        z["fp32"].append((h.float() @ w.float().T).double())
+        z["tf32"].append((round_tf32(h) @ round_tf32(w).T).float().double())
+        (hh, hl), (wh, wl) = bf16_split(h), bf16_split(w)
+        z["bf16 in, fp32 out (bf16x3 split)"].append((hh @ wh.T + hh @ wl.T + hl @ wh.T).float().double())
+        bf = hh @ wh.T
+        z["bf16 in, fp32 out"].append(bf.float().double())
+        z["bf16 out"].append(bf.float().bfloat16().double())
+        z["bf16 in, fp32 out, W stored in bf16"].append(bf.float().double())
+        z["h split in 2 bf16, W rounded to bf16"].append(((hh + hl) @ wh.T).float().double())
+        z["h split in 2 bf16, W stored in bf16"].append(((hh + hl) @ wh.T).float().double())
+    z = {k: torch.cat(v, dim=1) for k, v in z.items()}
+    ref = torch.log_softmax(z["fp64"], -1)
+    p = ref.exp()
+    out = {"logits_mean": z["fp64"].mean().item(), "logits_max": z["fp64"].max().item(),
+           "top1_prob_mean": p.max(-1).values.mean().item()}
+    for k in opts:  # the last one against the head as a bf16 model stores it: only the rounding of h is left
+        ref_k = torch.log_softmax(z["fp64, W stored in bf16"], -1) if "stored" in k else ref
+        err = (torch.log_softmax(z[k].float(), -1).double() - ref_k).abs()
+        out[k] = dict(sampled_mean_abs=(p * err).sum(-1).mean().item(), max_abs_p_ge_1e4=err[p >= 1e-4].max().item())
+    return out
+
+
+def head_report(smoke=False):
+    """bench --json's "lm_head": the FLOP share per student and the log-prob error of each precision."""
+    shapes = {"gpt2-like (d 768, V 50257)": ("gpt2", 768, 50257), "llama-like (d 2048, V 128256)": ("llama", 2048, 128256)}
+    if smoke:  # test_bench: the same code at toy sizes
+        shapes = {k: (kind, 64, 3000) for k, (kind, _, _) in shapes.items()}
+    return {"flop_share": {name: head_flop_share(cfg) for name, cfg in HEAD_CONFIGS.items()},
+            "logprob_error_nats": {name: head_precision(*s) for name, s in shapes.items()},
+            "choice": "bf16 GEMMs with fp32 accumulation and output, every fp32 operand split in 2 bf16 parts "
+                      "(1 GEMM for a bf16 teacher with bf16 h, 2 with fp32 h, 2-3 for the fp32 student)",
+            "notes": "flop_share: the head's share of a token's matmul FLOPs (context 384), and the estimated step time with "
+                     f"an IEEE-fp32 head on CUDA cores over one on bf16 tensor cores ({FP32_VS_TENSOR_CORE}x per FLOP). "
+                     "logprob_error_nats: synthetic heads (random weights of the real sizes), log_softmax error against fp64; "
+                     "sampled_mean_abs = E_{v~p}|Δ log p(v)|."}
+
+
 def main(argv=None):
     a = parse_args(argv)
     if a.fsdp_memory:
@@ -725,6 +846,7 @@ def run(a, device):
         "teacher_evals": {**evals, "trl_teacher_evals_per_token": trl_res["teacher_evals_per_token"] if trl_res else None},
         "teacher_logits_one_collection_bytes": teacher_logits_bytes(),
         "memory_plan_bytes": memory_table(),
+        "lm_head": head_report(smoke=a.shapes == "smoke"),
         "recompute": {"recompute_logp_old_vs_step": med(step["recompute_logp_old"]) / med(step["step"]),
                       # bf16's recompute (one no-grad forward per rollout, once per collection) against one PPO epoch of
                       # the loss over the same rollouts (forward + backward): a collection pays it once, --ppo-epochs times
@@ -797,6 +919,12 @@ def print_table(r):
         md = pl["modes"]
         print(f"{name:<32}{gb(pl['weights']):>11}{gb(pl['teacher_logprob_buffer']):>11}{gb(md['keep']['gpu']):>11}"
               f"{gb(md['offload']['gpu']):>11}{gb(md['recompute']['gpu']):>11}")
+    lh = r["lm_head"]
+    print("LM head: share of a token's matmul FLOPs, and the estimated step time of an fp32 head over a tensor-core one: "
+          + ", ".join(f"{k} {v['head_share']:.1%} (x{v['step_fp32_head_vs_tensor_core']:.1f})" for k, v in lh["flop_share"].items()))
+    for shape, e in lh["logprob_error_nats"].items():
+        print(f"LM head {shape}, |Δ log p| at a sampled token (mean / max over p >= 1e-4), nats: "
+              + ", ".join(f"{k} {v['sampled_mean_abs']:.1e}/{v['max_abs_p_ge_1e4']:.1e}" for k, v in e.items() if isinstance(v, dict)))
     print(f"memory: {m['kind']}; process max RSS {gb(m['process_max_rss'])}")
     print(f"trl: {r['notes']['trl']}")
     print(f"wall time {r['wall_s']:.0f} s")

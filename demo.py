@@ -157,10 +157,10 @@ def demo_eval(paths, teacher_path, test_file, args, dtype, seeds=(10, 20, 30)):
     tok = M.load_tokenizer(teacher_path)
     recs = M.load_records(test_file)
     prompts = [M.tokenize_example(tok, r, args.max_prompt_len, args.max_len)[0] for r in recs]
-    teacher = M.load_model(teacher_path, args.device, dtype, vocab_size=len(tok)).eval()
+    teacher = M.load_frozen(teacher_path, args.device, dtype, vocab_size=len(tok))
     rows = {}
     for name, path in paths.items():
-        model = M.load_model(path, args.device, dtype, vocab_size=len(tok)).eval()
+        model = M.load_frozen(path, args.device, dtype, vocab_size=len(tok))
         scores, kls, lens = [], [], []
         eos_ids = M.end_ids(tok, *M.model_configs(model), *M.model_configs(teacher))
         for seed in seeds:

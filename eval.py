@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from minillm import (autocast, check_device, collate_prompts, collate_sft, decode_response, die, end_ids, forward,
-                     load_config, load_model, max_positions, load_records, load_tokenizer, model_configs, prompt_text,
+                     load_config, load_frozen, max_positions, load_records, load_tokenizer, model_configs, prompt_text,
                      resolve_dtype, sample_model, set_seed, text_start, tokenize_example)
 
 # ----------------------------------------------------------------------------------------------------
@@ -479,7 +479,7 @@ def run_exposure(args, dtype):
     if not args.teacher:
         die("--analysis exposure needs --teacher (the oracle p)")
     tok = load_tokenizer(args.teacher, template=args.template)
-    teacher = load_model(args.teacher, args.device, dtype, vocab_size=len(tok)).eval()
+    teacher = load_frozen(args.teacher, args.device, dtype, vocab_size=len(tok))
     data_name, records = load_test_set(expand_data(args.data)[0], args.limit)
     examples = prepare(tok, records, args.max_prompt_len, args.max_new_tokens, name=data_name, template=args.template)
     check_context(teacher.config, examples, args.max_new_tokens, args.teacher)
@@ -488,7 +488,7 @@ def run_exposure(args, dtype):
                                dtype=dtype, tok=tok, pad_id=tok.pad_token_id)
     teacher_batches = sample(teacher)  # the teacher's prefixes: sampled once, scored against every student
     for name in args.model:
-        student = load_model(name, args.device, dtype, vocab_size=len(tok)).eval()
+        student = load_frozen(name, args.device, dtype, vocab_size=len(tok))
         kl_s, m_s = score_kl(teacher, student, sample(student), args, dtype)
         kl_t, m_t = score_kl(teacher, student, teacher_batches, args, dtype)
         # The samples still running at each position: past the typical length the means rest on a few samples.
@@ -619,7 +619,7 @@ def run_ece(args, dtype):
     results = {}
     for model_name in args.model:
         tok = load_tokenizer(model_name, template=args.template)
-        model = load_model(model_name, args.device, dtype, vocab_size=len(tok)).eval()
+        model = load_frozen(model_name, args.device, dtype, vocab_size=len(tok))
         probs = label_probabilities(model, tok, records, args, dtype)
         conf = [max(p) / sum(p) for p in probs]  # normalised over the label words
         pred = [max(range(len(p)), key=p.__getitem__) for p in probs]
@@ -735,7 +735,7 @@ def local_judge(name, args, dtype, temperature, max_tokens, seed):
     """A local Hugging Face model as judge; its chat template when it has one. Prompts longer than its context keep
     their end (the rating request); returns ask(list of messages) -> list of texts."""
     tok = load_tokenizer(name)
-    model = load_model(name, args.device, dtype, vocab_size=len(tok)).eval()
+    model = load_frozen(name, args.device, dtype, vocab_size=len(tok))
     limit = max_positions(model.config) or 10**9
     generator = torch.Generator(device=args.device).manual_seed(seed)
     eos_ids = end_ids(tok, *model_configs(model))
@@ -773,7 +773,7 @@ def run_judge(args, dtype):
     results, out = {}, Path(args.out)
     for model_name in args.model:
         tok = load_tokenizer(model_name, template=args.template)
-        model = load_model(model_name, args.device, dtype, vocab_size=len(tok)).eval()
+        model = load_frozen(model_name, args.device, dtype, vocab_size=len(tok))
         results[model_name] = {}
         for data_name, records in test_sets:
             examples = prepare(tok, records, args.max_prompt_len, args.max_new_tokens, name=data_name, template=args.template)
@@ -833,7 +833,7 @@ def main(argv=None):
     results = {}
     for model_name in args.model:
         tok, examples_of = prepared[model_name]
-        model = load_model(model_name, args.device, dtype, vocab_size=len(tok)).eval()
+        model = load_frozen(model_name, args.device, dtype, vocab_size=len(tok))
         results[model_name] = {}
         for data_name, records in test_sets:
             examples = examples_of[data_name]

@@ -70,8 +70,19 @@ RECIPES = {
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the description's line breaks and ends every flag's line with its default (unless None: the
+    RECIPES flags say theirs); a switch (--fsdp, --no-length-norm) is off unless given."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if action.option_strings and action.default not in (None, argparse.SUPPRESS) and "%(default)" not in help:
+            help += " (default: off)" if action.nargs == 0 else " (default: %(default)s)"
+        return help
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=HelpFormatter)
     g = p.add_argument_group("models and data")
     g.add_argument("--teacher", default="gpt2-xl", help="teacher p: hub name or local folder")
     g.add_argument("--student", default="gpt2", help="student q_θ: hub name or local folder")
@@ -96,22 +107,22 @@ def build_parser():
     g.add_argument("--max-new-tokens", type=int, default=256, help="response tokens sampled per rollout")
 
     g = p.add_argument_group("SFT (teacher and student initialisation)")
-    g.add_argument("--teacher-lr", type=float, default=5e-5)
-    g.add_argument("--teacher-epochs", type=int, default=10)
-    g.add_argument("--student-lr", type=float, default=5e-4)
+    g.add_argument("--teacher-lr", type=float, default=5e-5, help="teacher SFT learning rate")
+    g.add_argument("--teacher-epochs", type=int, default=10, help="teacher SFT epochs; the lowest-val-loss epoch is kept")
+    g.add_argument("--student-lr", type=float, default=5e-4, help="student SFT learning rate (also kd and seqkd)")
     g.add_argument("--student-epochs", type=int, default=20, help="official script: 20 (paper: 3); the lowest-val-loss epoch is kept")
-    g.add_argument("--sft-batch-size", type=int, default=32)
+    g.add_argument("--sft-batch-size", type=int, default=32, help="examples per SFT optimizer step")
     g.add_argument("--sft-micro-batch-size", type=int, default=8, help="gradient accumulation; the update is the same for any value")
     g.add_argument("--sft-max-steps", type=int, default=0, help="stop each SFT after this many steps (0 = all epochs); for tests")
-    g.add_argument("--sft-weight-decay", type=float, default=0.01)
+    g.add_argument("--sft-weight-decay", type=float, default=0.01, help="AdamW weight decay in SFT")
     g.add_argument("--min-lr", type=float, default=1e-7, help="cosine schedule floor (no warmup)")
 
     g = p.add_argument_group("MiniLLM distillation (NOTES §1-3)")
     g.add_argument("--recipe", choices=["paper", "lmops"], default="paper", help="defaults for the flags below: the paper's or the official code's")
     g.add_argument("--steps", type=int, default=5000, help="optimizer steps")
     g.add_argument("--lr", type=float, default=5e-6, help="constant after warmup")
-    g.add_argument("--warmup-steps", type=int, default=100)
-    g.add_argument("--weight-decay", type=float, default=1e-6)
+    g.add_argument("--warmup-steps", type=int, default=100, help="linear warmup of the distillation learning rate")
+    g.add_argument("--weight-decay", type=float, default=1e-6, help="AdamW weight decay in distillation")
     g.add_argument("--batch-size", type=int, default=64, help="rollouts per optimizer step (paper: 64)")
     g.add_argument("--micro-batch-size", type=int, default=16, help="gradient accumulation; the update is the same for any value")
     g.add_argument("--rollouts", type=int, default=256, help="rollouts per collection, reused for --ppo-epochs")
@@ -119,15 +130,15 @@ def build_parser():
     g.add_argument("--ppo-epochs", type=int, default=4, help="inner epochs over each collection")
     g.add_argument("--alpha", type=float, default=0.2, help="teacher-mixed sampling p~ = α·p + (1-α)·q_θ; 0 = pure student")
     g.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip of the ratio ρ_t = w_t·q_θ/q_old; 0 = no clipping")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature τ of the rollouts (log-probs stay at τ = 1)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling of the rollouts; 1 = off")
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
     g.add_argument("--no-length-norm", dest="length_norm", action="store_false", help="use the raw sum R_{t+1} instead of its mean over the remaining tokens")
     g.add_argument("--no-single-step", dest="single_step", action="store_false", help="drop the full-vocabulary KL term; r_t then goes back into the sampled return")
     g.add_argument("--normalize", choices=["token", "sequence"], default="token", help="loss = Σ/(response tokens) as the official code, or Σ/(sequences)")
     g.add_argument("--pt-coef", type=float, default=1.0, help="weight of L_PT; 0 = off")
     g.add_argument("--pt-batch-size", type=int, default=8, help="pre-training chunks per optimizer step")
-    g.add_argument("--pt-seq-len", type=int, default=512)
+    g.add_argument("--pt-seq-len", type=int, default=512, help="tokens per pre-training chunk of L_PT")
     for name, (paper, lmops) in RECIPES.items():  # default None: filled from --recipe unless given
         kind = {"action": argparse.BooleanOptionalAction} if isinstance(paper, bool) else {"type": type(paper)}
         g.add_argument("--" + name.replace("_", "-"), default=None, help=f"paper: {paper}, lmops: {lmops}", **kind)
@@ -137,13 +148,13 @@ def build_parser():
                         "or recompute them with a teacher forward on every micro-batch (the official code; no buffer)")
 
     g = p.add_argument_group("system")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
     g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 on a GPU that computes it natively (compute capability 8.0+: A100, H100, RTX 30xx), "
                         "else fp32 (T4 and V100 only emulate bf16, slower than fp32); the first log line says which")
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--log-interval", type=int, default=1)
-    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=42, help="sets every RNG (offset by rank)")
+    g.add_argument("--log-interval", type=int, default=1, help="print a step line every N steps (log.jsonl has every step)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
     g.add_argument("--dist-timeout", type=float, default=60.0,
                    help="minutes a process waits in a collective (torchrun) before the job is killed; rank 0 writing a large "
                         "checkpoint keeps the others waiting (NCCL's default, 10, kills a 13B run's save)")
@@ -321,17 +332,14 @@ def whiten(x, mask, eps=1e-8):
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
-def single_step_kl(logits_student, logits_teacher):
-    """KL(q_θ(·|y_<t) || p(·|y_<t)) = Σ_v q_θ(v) [log q_θ(v) - log p(v)] at every position, (B, N).
-
-    This is -E_{y_t~q_θ}[r_t] taken over the whole vocabulary instead of by sampling: (∇L)_Single.
-    The teacher is a constant: the gradient flows through the student only.
-    """
-    return reverse_kl(torch.log_softmax(upcast(logits_student), dim=-1), torch.log_softmax(upcast(logits_teacher), dim=-1))
-
-
 def reverse_kl(logq, logp):
-    """single_step_kl from log-probabilities (B, N, V): the loss computes log q_θ once and reads it twice."""
+    """KL(q_θ(·|y_<t) || p(·|y_<t)) = Σ_v q_θ(v) [log q_θ(v) - log p(v)] at every position, from the log-probabilities
+    log q_θ and log p over the vocabulary, (B, N, V) -> (B, N).
+
+    The single-step term: -E_{y_t~q_θ}[r_t] taken over the whole vocabulary instead of by sampling, (∇L)_Single.
+    The teacher is a constant: the gradient flows through the student only. The one definition of the divergence:
+    the loss, the logged `rkl` (sample_rollouts) and the tests call it, so a fork that swaps it edits this function.
+    """
     return (logq.exp() * (logq - logp.detach())).sum(-1)
 
 
@@ -423,30 +431,37 @@ def tokenize_example(tok, rec, max_prompt_len, max_len, template="alpaca"):
 # Forward passes: fp32 logits over the shared vocabulary, position ids that respect left padding, an optional
 # KV cache (autocast and new_cache are with the helpers, in the plumbing).
 
-def fp32_head(model, vocab_size=None):
-    """Make the LM head return fp32 logits for the first `vocab_size` tokens, whatever the autocast.
+class FP32Head(torch.nn.Linear):
+    """The LM head, returning fp32 logits for its first `n_out` tokens, whatever the autocast.
 
-    fp32: GPT-2's logits sit near -60, where one bf16 step is 0.25 nats; a bf16 head would put that much noise
-    into every log q_θ, log p, reward and KL. The blocks still run in bf16; only the head (one matmul) is fp32.
-    vocab_size: models of one family share a tokenizer but pad their embedding matrix differently (Qwen2.5-1.5B:
-    151,936 rows, 7B: 152,064, for 151,665 tokens). The padded rows are no tokens: no KL may sum over them and
-    no sample may draw them, so the head computes the shared rows only. The model's weights are untouched."""
+    fp32 logits: GPT-2's logits sit near -60, where one bf16 step is 0.25 nats; a bf16 head would put that much noise
+    into every log q_θ, log p, reward and KL. Under bf16 the head still runs on tensor cores: fp32 operands are split
+    into two bf16 parts and 1-3 bf16 GEMMs with fp32 accumulation give fp32-grade logits (head_matmul; bench.py
+    measures each choice against fp64). An fp32 run computes the head in IEEE fp32. Only this one matmul is special.
+    n_out: models of one family share a tokenizer but pad their embedding matrix differently (Qwen2.5-1.5B: 151,936
+    rows, 7B: 152,064, for 151,665 tokens). The padded rows are no tokens: no KL may sum over them and no sample may
+    draw them, so the head computes the shared rows only.
+    An ordinary module: fp32_head swaps the class of the model's own nn.Linear, so its parameters, state_dict keys,
+    weight tying, save_pretrained, deepcopy, pickling and hooks are those of the stock head."""
+
+    def forward(self, h):  # (..., d) -> (..., n_out) fp32
+        w = self.weight[:self.n_out]
+        bias = None if self.bias is None else self.bias[:self.n_out].float()
+        low = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else w.dtype
+        with torch.autocast(h.device.type, enabled=False):
+            if low not in (torch.bfloat16, torch.float16):  # an fp32 run: IEEE fp32
+                return F.linear(h.float(), w.float(), bias)
+            return head_matmul(h, head_weight(self, w, low), low, bias)
+
+
+def fp32_head(model, vocab_size=None):
+    """Make the model's LM head an FP32Head returning the first `vocab_size` logits. The weights are untouched."""
     head = model.get_output_embeddings()
     n = vocab_size or head.weight.shape[0]
     assert n <= head.weight.shape[0], f"{n} tokens but only {head.weight.shape[0]} logits"
-
-    cast = {}  # a frozen bf16 head (the teacher's) is cast to fp32 once, not at every decoded token
-
-    def head_forward(h):
-        w = head.weight[:n]
-        if w.dtype != torch.float32 and not w.requires_grad:
-            if cast.get("key") != (w.data_ptr(), w._version):
-                cast.update(key=(w.data_ptr(), w._version), w=w.float())
-            w = cast["w"]
-        with torch.autocast(h.device.type, enabled=False):
-            bias = None if getattr(head, "bias", None) is None else head.bias[:n].float()
-            return F.linear(h.float(), w.float(), bias)  # (..., n) fp32
-    head.forward, head.n_out = head_forward, n  # attributes of this instance: state_dict, tying and saving are unchanged
+    if type(head) not in (torch.nn.Linear, FP32Head):  # a subclass would lose its own forward
+        die(f"{type(model).__name__}'s LM head is a {type(head).__name__}, not an nn.Linear: fp32_head cannot compute it")
+    head.__class__, head.n_out = FP32Head, n
     return model
 
 
@@ -523,7 +538,7 @@ def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_ids, pad_id, 
             rec["logp_student"].append(lq_y)
             rec["logp_teacher"].append(lp_y)
             rec["logp_mix"].append(mixture_logprobs(lq_y, lp_y, alpha) if plain else mix.gather(-1, y[:, None]).squeeze(-1).log())
-            rec["kl"].append((q * (logq - logp)).sum(-1))
+            rec["kl"].append(reverse_kl(logq, logp))
             rec["top1"].append((zs.argmax(-1) == zt.argmax(-1)).float())  # a diagnostic: do both models agree here?
             if keep_teacher_logits:  # clamped so that fp16 holds it (-inf would make 0·inf = NaN in a KL)
                 teacher_out[:, t].copy_(logp.clamp(min=-1e4), non_blocking=True)
@@ -765,6 +780,12 @@ def collect_rollouts(student, teacher, prompts, args, eos_ids, pad_id, dtype, ge
     # Without the single-step term, r_t must be sampled inside the return again (paper's ablation).
     include_current = args.include_current or not args.single_step
     adv = long_term_returns(r, mask, args.gamma, include_current, args.length_norm)
+    # A fork's extra reward. A per-token term c added to r_t (say a length penalty, c = -λ on every token) is mostly
+    # cancelled under length normalisation: R^Norm_{t+1} is the *mean* of the future rewards, so c shifts every
+    # return but the last (which is 0) by about c, whatever the response's length; only --no-length-norm sums it
+    # into a length-dependent (T-t-1)·c. A sequence-level reward R(y), shape (B,) (a length penalty, a judge's
+    # score), goes undivided into the advantage of every response token instead, here:
+    #     adv = adv + R[:, None] * mask
     buf["adv"] = whiten_global(adv, mask) if args.whiten else adv  # statistics over every rank's rollouts
     buf["rewards"] = r
     return buf
@@ -961,7 +982,7 @@ def seqkd_data(teacher_path, tok, train_rec, path, args, dtype):
     if os.path.exists(path):
         print(f"seqkd: reusing teacher data {path}")
         return load_records(path)
-    teacher = load_model(teacher_path, args.device, dtype, args.trust_remote_code, len(tok))
+    teacher = load_frozen(teacher_path, args.device, dtype, args.trust_remote_code, len(tok))
     prompts, kept = [], []
     for r in train_rec:
         ex = tokenize_example(tok, r, args.max_prompt_len, args.max_len, args.template)
@@ -1356,10 +1377,87 @@ def draw(probs, generator=None):
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)  # first v: cdf_v > u
 
 
+_head_casts = None  # {(FP32Head, dtype): its weight cast to dtype}, inside an autocast() region only
+
+
+@contextmanager
 def autocast(device, dtype):
-    if dtype == torch.bfloat16:
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-    return nullcontext()
+    """bf16 autocast for a bf16 run (nothing for fp32), and the lifetime of the LM heads' weight casts: like torch's
+    own cache of the bf16 copies of fp32 weights, a head's cast (head_weight) is made once per region and dropped at
+    its end. A sampling loop is one region, so a frozen head is cast once per batch of rollouts, not once per token;
+    and no cast outlives its region, so an edit of the weights between regions (an optimizer step, an EMA update
+    through .data, a deepcopy) is always seen."""
+    global _head_casts
+    outer = _head_casts is None
+    if outer:
+        _head_casts = {}
+    try:
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext():
+            yield
+    finally:
+        if outer:
+            _head_casts = None
+
+
+def head_weight(head, w, dtype):
+    """w (the head's rows) as head_matmul reads it: a list of `dtype` parts whose sum is w, one for a bf16 w (a
+    teacher's), two (hi, lo) for an fp32 w (a student's master weights), so that no bit a fp32 head would see is
+    lost. CUDA tensor cores take the bf16 parts; the CPU fallback their values held in fp32. Cached for the autocast
+    region when no gradient needs the cast."""
+    kernel = dtype if w.is_cuda and MM_OUT_DTYPE else torch.float32
+    cache = _head_casts is not None and not (torch.is_grad_enabled() and w.requires_grad)
+    if cache and (head, kernel) in _head_casts:
+        return _head_casts[head, kernel]
+    parts = split(w, dtype)
+    parts = [x.to(kernel) for x in parts]  # rounded to dtype first: the CPU computes the numbers the GPU does
+    if cache:
+        _head_casts[head, kernel] = parts
+    return parts
+
+
+def split(x, dtype):
+    """x as [x] if it is already in `dtype`, else [hi, lo] in `dtype` with hi + lo = x to ~16 mantissa bits."""
+    if x.dtype == dtype:
+        return [x]
+    hi = x.to(dtype)
+    return [hi, (x - hi.to(x.dtype)).to(dtype)]
+
+
+MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(a, b, out_dtype=): bf16 in, fp32 out (CUDA, torch >= 2.8)
+
+
+class TensorCoreMatmul(torch.autograd.Function):
+    """h @ w.T for bf16 h (M, d) and w (n, d): fp32 accumulation and an fp32 result on tensor cores (torch.mm has no
+    gradient for out_dtype=, so it is given here). The backward is any bf16 layer's: bf16 matmuls."""
+
+    @staticmethod
+    def forward(ctx, h, w):
+        ctx.save_for_backward(h, w)
+        return torch.mm(h, w.t(), out_dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, g):
+        h, w = ctx.saved_tensors
+        g = g.to(h.dtype)
+        return g @ w, g.t() @ h
+
+
+def head_matmul(h, w, low=torch.bfloat16, bias=None):
+    """The LM head's matmul at fp32 precision from `low` (bf16) GEMMs with fp32 accumulation and fp32 logits.
+    Each fp32 operand is split into two bf16 parts (split: hi + lo keeps ~16 bits) and the products hi·hi, hi·lo,
+    lo·hi are summed (lo·lo is below fp32's resolution): the logits equal an IEEE-fp32 head's to ~1e-5 nats (bench.py),
+    so no rounding reaches a reward or the PPO ratio. A bf16 teacher (bf16 W) with a bf16 h (Llama's RMSNorm returns
+    bf16) takes 1 GEMM; with an fp32 h (GPT-2's LayerNorm under autocast) 2; the fp32 student 2 or 3. On tensor
+    cores that is still ~5x cheaper than one fp32 GEMM on CUDA cores. w: head_weight's parts.
+    CUDA: tensor-core GEMMs. Elsewhere (CPU, or a torch without mm(out_dtype=)): fp32 on the same values, the same
+    numbers (a bf16 value and the product of two are exact in fp32)."""
+    hs = split(h, low) if h.dtype == torch.float32 else [h.to(low)]
+    pairs = [(x, y) for i, x in enumerate(hs) for j, y in enumerate(w) if i + j < 2]  # all but lo·lo
+    if w[0].dtype == torch.float32:
+        z = sum(F.linear(x.float(), y) for x, y in pairs)
+    else:
+        z = sum(TensorCoreMatmul.apply(x.reshape(-1, h.shape[-1]), y) for x, y in pairs).view(*h.shape[:-1], w[0].shape[0])
+    return z if bias is None else z + bias
 
 
 def n_logits(model):
@@ -1766,12 +1864,18 @@ def load_trained(resume, init, args, vocab_size=None):
                       vocab_size)
 
 
+def load_frozen(name, device, dtype=torch.float32, trust_remote_code=False, vocab_size=None):
+    """A model that is only evaluated (the teacher, SeqKD's teacher, eval.py's models, the local judge, the demo's):
+    in eval mode (no dropout) and frozen, so that no forward records a graph and no one can train it by mistake."""
+    return load_model(name, device, dtype, trust_remote_code, vocab_size).eval().requires_grad_(False)
+
+
 def load_teacher(path, args, dtype, vocab_size=None):
     """The frozen teacher p in the compute dtype, in eval mode: whole on every rank, or (--fsdp-teacher) sharded as
     it loads (load_sharded), each rank holding 1/K of it."""
     if args.fsdp_teacher:
         return load_sharded(path, args, dtype, dtype, vocab_size, frozen=True)
-    return load_model(path, args.device, dtype, args.trust_remote_code, vocab_size).eval().requires_grad_(False)
+    return load_frozen(path, args.device, dtype, args.trust_remote_code, vocab_size)
 
 
 def load_sharded(name, args, dtype, param_dtype, vocab_size=None, frozen=False, read=True):
@@ -2269,19 +2373,45 @@ def preempted(stage, sig, step, ckpt_dir):
     sys.exit(PREEMPTED)
 
 
-# Flags that change neither the method nor its numbers beyond float rounding (memory, logging, device):
-# a run folder accepts a rerun that changes them, e.g. a smaller micro-batch after an out-of-memory crash.
+# Flags that change neither the method nor its numbers beyond float rounding (memory, logging, device, the run
+# folder's own place): a run folder accepts a rerun that changes them, e.g. a smaller micro-batch after an
+# out-of-memory crash, or the folder copied to another disk.
 HARMLESS = {"log_interval", "report_to", "save_interval", "stop_after", "overwrite", "method", "device", "micro_batch_size",
-            "sft_micro_batch_size", "gen_batch_size", "teacher_logits", "dist_timeout"}
+            "sft_micro_batch_size", "gen_batch_size", "teacher_logits", "dist_timeout", "out"}
+PATHS = ["teacher", "student", "data", "pt_data"]  # compared relative to --out when they lie inside it
 STAGES = ["teacher-sft", "student-sft", "minillm", "sft", "kd", "seqkd"]
+
+
+def run_settings(settings):
+    """What args.json records and a rerun must match: every flag, with paths inside the run folder written relative
+    to it ("$OUT/student-sft"), so that a run folder moved or copied elsewhere is still the same run."""
+    now = json.loads(json.dumps(settings))
+    out = Path(now["out"]).resolve()
+    for k in PATHS:
+        if isinstance(now.get(k), str) and not now[k].startswith("$OUT/") and Path(now[k]).resolve().is_relative_to(out):
+            now[k] = "$OUT/" + Path(now[k]).resolve().relative_to(out).as_posix()
+    return now
+
+
+def parser_defaults(recipe="paper"):
+    """Every flag's default as the parser gives it (the recipe's for the RECIPES flags): what a run recorded before
+    a flag existed must have used."""
+    d = vars(build_parser().parse_args([]))
+    d.update({name: paper if recipe == "paper" else lmops for name, (paper, lmops) in RECIPES.items()})
+    return json.loads(json.dumps(d))
 
 
 def prepare_out(out, args):
     """Refuse a run folder that holds a run with other arguments: its stages would be skipped or resumed
-    under settings they were not trained with. With --overwrite, its stages are deleted instead."""
-    now = json.loads(json.dumps(vars(args)))
-    old = json.loads((out / "args.json").read_text()) if (out / "args.json").exists() else {}
-    diff = [k for k in now if k in old and k not in HARMLESS and now[k] != old[k]]
+    under settings they were not trained with. A flag the old args.json does not know (one a fork added since) is
+    compared with its default. With --overwrite, its stages are deleted instead."""
+    now = run_settings(vars(args))
+    old = json.loads((out / "args.json").read_text()) if (out / "args.json").exists() else None
+    diff = []
+    if old is not None:
+        default = parser_defaults(old.get("recipe", "paper"))
+        old = run_settings({k: old.get(k, default.get(k)) for k in now})  # an older args.json: absolute paths
+        diff = [k for k in now if k not in HARMLESS and now[k] != old[k]]
     if diff and not args.overwrite:
         changes = ", ".join(f"--{k.replace('_', '-')} {old[k]} -> {now[k]}" for k in diff[:4])
         die(f"{out} holds a run with other arguments ({changes}); rerun with the same arguments to resume, "
@@ -2298,7 +2428,7 @@ def prepare_out(out, args):
     with write_guard(out / "args.json", kept=f"{out} as it was"):
         if is_main():
             out.mkdir(parents=True, exist_ok=True)
-            write_atomic(out / "args.json", json.dumps(vars(args), indent=1))
+            write_atomic(out / "args.json", json.dumps(now, indent=1))
 
 
 # ----------------------------------------------------------------------------------------------------

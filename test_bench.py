@@ -23,4 +23,8 @@ def test_bench_smoke(capsys):
     assert out["tokens_per_s"]["train_step"] == cfg["B"] * cfg["N"] / t["step"]
     assert out["step_vs_trl"] is None and "skipped" in out["notes"]["trl"]  # trl is optional
     assert out["teacher_logits_one_collection_bytes"] == 256 * 256 * 50257 * 2
+    head = out["lm_head"]  # the fp32 head's FLOP share and the log-prob error of each precision (issue 20 §2)
+    assert 0.1 < head["flop_share"]["gpt2 (124M)"]["head_share"] < 0.4
+    for err in head["logprob_error_nats"].values():
+        assert err["fp32"]["sampled_mean_abs"] < err["bf16 in, fp32 out"]["sampled_mean_abs"] < err["bf16 out"]["sampled_mean_abs"]
     assert res["config"]["B"] == 2 and all(v > 0 for k, v in res["timings_s"].items() if v is not None)
