@@ -158,7 +158,7 @@ def test_sample_model_casts_the_head_once_per_loop(frozen):
     model = M.fp32_head(tiny_llama(0, torch.bfloat16), V - 2).requires_grad_(not frozen)
     ids = torch.tensor([[3, 5, 7], [1, 2, 4]])
     with CountHeadCasts((V - 2, 16)) as count:
-        out = M.sample_model(model, ids, torch.ones_like(ids), eos_id=V + 5, pad_id=0, max_new_tokens=6,
+        out = M.sample_model(model, ids, torch.ones_like(ids), eos_ids=torch.tensor([V + 5]), pad_id=0, max_new_tokens=6,
                              dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
     assert out.shape[1] == 6 and count.n <= 1
 
@@ -170,7 +170,7 @@ def test_sample_rollouts_casts_each_head_once_per_loop():
     counts = []
     for n in [2, 6]:
         with CountHeadCasts((V - 2, 16)) as count:
-            roll = M.sample_rollouts(student, teacher, ids, torch.ones_like(ids), V + 5, 0, max_new_tokens=n,
+            roll = M.sample_rollouts(student, teacher, ids, torch.ones_like(ids), torch.tensor([V + 5]), 0, max_new_tokens=n,
                                      dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
         assert roll["tokens"].shape[1] == n
         counts.append(count.n)
