@@ -1,5 +1,5 @@
 """
-The MiniLLM evaluation protocol (NOTES §6, §8): sample a response to every test prompt with five seeds,
+The MiniLLM evaluation protocol (docs/paper.md §6, §8): sample a response to every test prompt with five seeds,
 score it with Rouge-L against the references, and report the mean ± std over seeds.
 
     python eval.py --model MiniLLM/MiniLLM-gpt2-120M --data dolly                 # one model, DollyEval
@@ -14,7 +14,7 @@ The protocol, as the paper and the official code (LMOps/minillm/evaluate_main.py
   * Rouge-L = rouge_score's RougeScorer(['rougeL'], use_stemmer=True) F-measure, the max over the
     references of an example, x100, mean over examples; then mean (± std) over seeds.
 
-Two of the paper's analyses come with every run (NOTES §8), in results.json and a second table:
+Two of the paper's analyses come with every run (docs/paper.md §8), in results.json and a second table:
   * Rouge-L by reference length: examples split by the length of their (first) reference in tokens of
     the evaluated model's tokenizer into [0, 5], [6, 10], [11, +inf) (BUCKETS below);
   * Dist-4 = 100 x distinct 4-grams / all 4-grams over every response of one test set and one seed, counted on
@@ -22,7 +22,7 @@ Two of the paper's analyses come with every run (NOTES §8), in results.json and
     reported with the LM loss of the gold responses (token mean per example, then mean over examples)
     and the mean response length in model tokens (EOS excluded).
 
-The paper's other analyses are one command each (--analysis; NOTES §8; README: the paper's other analyses):
+The paper's other analyses are one command each (--analysis; docs/paper.md §8; docs/evaluation.md):
     python eval.py --analysis exposure --teacher out/teacher-sft --model out/student-sft out/minillm  # ExAccErr(l)
     python eval.py --analysis ece --model out/student-sft out/minillm --data sst2                    # calibration (ECE)
     python eval.py --analysis judge --judge-url http://127.0.0.1:8000/v1 --model out/minillm          # judge score
@@ -58,7 +58,7 @@ from minillm import (autocast, check_device, collate_prompts, collate_sft, decod
                      resolve_dtype, sample_model, set_seed, text_start, tokenize_example)
 
 # ----------------------------------------------------------------------------------------------------
-# The official test sets (NOTES §5). Hub repositories of raw files; the official evaluation reads
+# The official test sets (docs/paper.md §5). Hub repositories of raw files; the official evaluation reads
 # `valid.jsonl` of each (LMOps/minillm/scripts/gpt2/eval/eval_main_*.sh):
 #   name:       (hub dataset repo,    file in the repo,    keep the first N records)
 
@@ -88,7 +88,7 @@ def build_parser():
     g.add_argument("--limit", type=int, default=0, help="keep the first N records of each test set (0 = all); for quick looks")
     g.add_argument("--out", default="out/eval", help="folder for results.md, results.json and the generations")
 
-    g = p.add_argument_group("generation (NOTES §6: the paper samples at τ = 1, top-p 1, top-k 0)")
+    g = p.add_argument_group("generation (docs/paper.md §6: the paper samples at τ = 1, top-p 1, top-k 0)")
     g.add_argument("--seeds", type=int, nargs="+", default=[10, 20, 30, 40, 50], help="one sampling run per seed; scores are averaged")
     g.add_argument("--max-new-tokens", type=int, default=256, help="response tokens at most (official: 512 - 256 prompt tokens)")
     g.add_argument("--max-prompt-len", type=int, default=256, help="longer prompts are dropped, as in training")
@@ -100,7 +100,7 @@ def build_parser():
     g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
 
-    g = p.add_argument_group("the paper's other analyses (NOTES §8; README: Analyses)")
+    g = p.add_argument_group("the paper's other analyses (docs/paper.md §8; docs/evaluation.md)")
     g.add_argument("--analysis", choices=["exposure", "ece", "judge"],
                    help="exposure: ExAccErr(l) of each --model against --teacher; ece: calibration of zero-shot classification "
                         "(--data sst2, boolq or a .jsonl); judge: a judge model's score relative to the reference answers")
@@ -178,7 +178,7 @@ def rouge_l(predictions, references):
 
 
 def distinct_n(responses, n=4):
-    """Dist-n = |distinct n-grams| / |n-grams|, pooled over all responses (NOTES §8).
+    """Dist-n = |distinct n-grams| / |n-grams|, pooled over all responses (docs/paper.md §8).
 
     n-grams never cross two responses; words are whitespace tokens, so the value is comparable across
     tokenizers. A response shorter than n words has no n-grams; with none at all, Dist-n is 0."""
@@ -407,7 +407,7 @@ def results_tables(results, models, data_names):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The paper's other analyses (NOTES §8), one command each: --analysis exposure | ece | judge.
+# The paper's other analyses (docs/paper.md §8), one command each: --analysis exposure | ece | judge.
 
 def response_mask(tokens, eos_ids):
     """(B, N) 1 up to and including the first end id (any of eos_ids): the positions a sampled response really has."""
@@ -426,7 +426,7 @@ def kl_teacher_student(teacher, student, prompt_ids, prompt_mask, tokens, mask, 
 
 
 def exposure_curves(kl_student, mask_student, kl_teacher, mask_teacher, w_student=None, w_teacher=None):
-    """ExAccErr(l) for l = 1..N (NOTES §8), from KL(p‖q_θ) at each position of sampled responses: (B, N) on the
+    """ExAccErr(l) for l = 1..N (docs/paper.md §8), from KL(p‖q_θ) at each position of sampled responses: (B, N) on the
     student's own samples, (B', N) on the teacher's. E over prefixes at step t = the mean over the samples still
     running at t, as the official script (0 when none is); weights w (B,) make it an exact expectation when every
     response is enumerated with its probability.
@@ -541,7 +541,7 @@ def plot_exposure(png, curves, n_min, title):
     plt.close(fig)
 
 
-# Calibration (NOTES §8): zero-shot classification with the paper's two prompts; the input goes in the Input field.
+# Calibration (docs/paper.md §8): zero-shot classification with the paper's two prompts; the input goes in the Input field.
 SST2_PROMPT = "Determine the sentiment of the input sentence. Please respond as positive or negative."
 BOOLQ_PROMPT = 'Read the input passage and answer the question: {question}? Your answer should be "Yes" or "No".'
 ECE_SETS = {"sst2": ("stanfordnlp/sst2", "validation"), "boolq": ("google/boolq", "validation")}  # hub, split
@@ -660,7 +660,7 @@ def plot_reliability(png, results, data_name):
     plt.close(fig)
 
 
-# The judge (NOTES §8, in place of GPT-4): the FastChat pairwise prompt; Assistant 1 = the reference answer,
+# The judge (docs/paper.md §8, in place of GPT-4): the FastChat pairwise prompt; Assistant 1 = the reference answer,
 # Assistant 2 = the model's; score = 100·Σ s_model / Σ s_reference over the ratings that parse.
 JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
 JUDGE_TEMPLATE = ("[Question]\n{question}\n\n[The Start of Assistant 1's Answer]\n{answer_1}\n\n[The End of Assistant 1's Answer]"

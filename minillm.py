@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------------
-# Arguments. Defaults are the paper's (NOTES §1, §3); --recipe lmops switches to the official code's.
+# Arguments. Defaults are the paper's (docs/paper.md §1, §3); --recipe lmops switches to the official code's.
 
 RECIPES = {
     # flag:             (paper,  lmops)   what it means
@@ -101,7 +101,7 @@ def build_parser():
                         "models trained on theirs; responses then end with the token that closes the assistant's turn)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off: safer)")
 
-    g = p.add_argument_group("lengths (NOTES §5)")
+    g = p.add_argument_group("lengths (docs/paper.md §5)")
     g.add_argument("--max-prompt-len", type=int, default=256, help="longer prompts are dropped, as the official code")
     g.add_argument("--max-len", type=int, default=512, help="prompt + response tokens for SFT")
     g.add_argument("--max-new-tokens", type=int, default=256, help="response tokens sampled per rollout")
@@ -117,7 +117,7 @@ def build_parser():
     g.add_argument("--sft-weight-decay", type=float, default=0.01, help="AdamW weight decay in SFT")
     g.add_argument("--min-lr", type=float, default=1e-7, help="cosine schedule floor (no warmup)")
 
-    g = p.add_argument_group("MiniLLM distillation (NOTES §1-3)")
+    g = p.add_argument_group("MiniLLM distillation (docs/paper.md §1-3)")
     g.add_argument("--recipe", choices=["paper", "lmops"], default="paper", help="defaults for the flags below: the paper's or the official code's")
     g.add_argument("--steps", type=int, default=5000, help="optimizer steps")
     g.add_argument("--lr", type=float, default=5e-6, help="constant after warmup")
@@ -162,7 +162,7 @@ def build_parser():
                    help="also send every logged number (and the warnings, as text) to TensorBoard (OUT/tb/<stage>) and/or "
                         "Weights & Biases (a run per stage, named after --out); several allowed, spaces or commas")
 
-    g = p.add_argument_group("long runs: rerun the same command to resume (README: Long runs and many GPUs)")
+    g = p.add_argument_group("long runs: rerun the same command to resume (docs/scaling.md)")
     g.add_argument("--save-interval", type=int, default=500,
                    help="resumable checkpoint (weights, optimizer, RNG states, data position) every N steps, 0 = only at "
                         "the end of a stage. Distillation saves at the first rollout-collection boundary after N steps, "
@@ -371,7 +371,7 @@ def masked_sum(x, mask):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data. The Alpaca-style template and tokenisation of the official code (NOTES §5).
+# Data. The Alpaca-style template and tokenisation of the official code (docs/paper.md §5).
 
 PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
           "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
@@ -930,7 +930,7 @@ def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None
 
 
 # ----------------------------------------------------------------------------------------------------
-# Baselines (NOTES §4) and single-model sampling: SeqKD needs the teacher's own answers to the training
+# Baselines (docs/paper.md §4) and single-model sampling: SeqKD needs the teacher's own answers to the training
 # prompts; eval.py samples each model alone with the same loop.
 
 @torch.no_grad()
@@ -1617,7 +1617,7 @@ def training_warning(rows):
     if "clip" in new:
         parts.append(f"the clip fraction rose {start['clip_frac']:.2f} -> {last['clip_frac']:.2f} within one collection: "
                      "the policy moves too far for this many inner epochs; try a lower --lr or fewer --ppo-epochs")
-    return f"warning: step {last['step']}: " + "; ".join(parts) + " (README: training diagnostics)"
+    return f"warning: step {last['step']}: " + "; ".join(parts) + " (docs/diagnostics.md)"
 
 
 def rollout_stats(buf, seconds, eos_ids):

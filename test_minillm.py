@@ -185,7 +185,7 @@ def test_enumeration_is_a_distribution(enum_models):
 
 
 def test_paper_gradient_is_exact_reverse_kl_gradient(enum_models):
-    """(∇L)_Single + (∇L)_Long with R_{t+1} is an unbiased estimate of ∇KL(q_θ||p) (NOTES §1)."""
+    """(∇L)_Single + (∇L)_Long with R_{t+1} is an unbiased estimate of ∇KL(q_θ||p) (docs/paper.md §1)."""
     student, teacher = enum_models
     kl, exact = exact_kl_gradient(student, teacher)
     assert kl > 0.05 and exact.norm() > 1e-3  # a non-trivial problem
@@ -202,7 +202,7 @@ def test_reinforce_without_single_step_is_also_exact(enum_models):
 
 
 def test_official_return_counts_r_t_twice(enum_models):
-    """The lmops return includes r_t while the single-step term already has it: biased (NOTES §2)."""
+    """The lmops return includes r_t while the single-step term already has it: biased (docs/paper.md §2)."""
     student, teacher = enum_models
     _, exact = exact_kl_gradient(student, teacher)
     biased = surrogate_gradient(student, teacher, include_current=True)
@@ -436,7 +436,7 @@ def merging_tokenizer():
 
 
 def test_tokenization_across_a_merge_at_the_boundary():
-    """response = tokens(prompt + output) minus the first len(tokens(prompt)), then EOS (NOTES §5): when the last
+    """response = tokens(prompt + output) minus the first len(tokens(prompt)), then EOS (docs/paper.md §5): when the last
     prompt token merges with the first response token, the merged token stays in the prompt's count and the response
     starts after it (tokenising the output alone would give "r e d ...")."""
     tk = merging_tokenizer()
@@ -643,7 +643,7 @@ def test_baselines_end_to_end(tmp_path, saved_models):
 
 
 def test_recipe_defaults_and_overrides():
-    """Defaults are the paper's (NOTES §1, §3); --recipe lmops switches the six settings the official code computes
+    """Defaults are the paper's (docs/paper.md §1, §3); --recipe lmops switches the six settings the official code computes
     differently, and nothing else; an explicit flag wins over either."""
     paper, lmops = vars(M.parse_args([])), vars(M.parse_args(["--recipe", "lmops"]))
     expected_paper = dict(gamma=1.0, include_current=False, whiten=False, reward_scale=1.0, reward_clip=0.0, pt_kd_ratio=0.0)
