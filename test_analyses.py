@@ -49,7 +49,7 @@ def test_warning_after_several_degenerate_collections():
 def test_recorded_top1_agreement_equals_a_fresh_forward():
     student, teacher = tiny_gpt2(40, 3, scale=2.0, tied=False), tiny_gpt2(40, 4, n_layer=3, scale=2.0, tied=False)
     ids, attn = M.collate_prompts([[5, 6, 7, 8], [11, 12], [13, 14, 15]], pad_id=0)
-    roll = M.sample_rollouts(student, teacher, ids, attn, eos_id=1, pad_id=0, max_new_tokens=8, alpha=0.5,
+    roll = M.sample_rollouts(student, teacher, ids, attn, eos_ids=torch.tensor([1]), pad_id=0, max_new_tokens=8, alpha=0.5,
                              generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         mb = dict(roll, prompt_ids=ids, prompt_mask=attn)

@@ -23,4 +23,10 @@ def test_bench_smoke(capsys):
     assert out["tokens_per_s"]["train_step"] == cfg["B"] * cfg["N"] / t["step"]
     assert out["step_vs_trl"] is None and "skipped" in out["notes"]["trl"]  # trl is optional
     assert out["teacher_logits_one_collection_bytes"] == 256 * 256 * 50257 * 2
+    assert 0 < out["teacher_calls_per_token"] <= 1.0 and out["mixed_vs_generate_baseline"] is None
+    assert set(out["depth"]["collection_s"]) == {"coins_alpha_0.2", "coins_alpha_0", "teacher_every_position"}
+    o = out["offload"]  # the offload's copies: contiguous DMAs, no pageable temporaries, no power-of-two rounding
+    assert o["per_token_after"]["host_alloc_bytes"] == 0 < o["per_token_before"]["host_alloc_bytes"]
+    assert o["per_token_after"]["bus_bytes"] == o["per_token_before"]["bus_bytes"] == 64 * (151665 // 64) * 64 * 2
+    assert o["per_micro_batch_read_after"]["host_alloc_bytes"] == 0 and o["pinned_bytes_after"] == o["store_bytes"]
     assert res["config"]["B"] == 2 and all(v > 0 for k, v in res["timings_s"].items() if v is not None)

@@ -227,7 +227,7 @@ def test_rollouts_equal_a_fresh_forward_in_every_family(name, tmp_path):
     g = torch.Generator().manual_seed(0)
     prompts = [M.text_start(tok) + torch.randint(3, 290, (n,), generator=g).tolist() for n in (20, 11, 5)]
     ids, attn = M.collate_prompts(prompts, tok.pad_token_id)
-    roll = M.sample_rollouts(student, teacher, ids, attn, tok.eos_token_id, tok.pad_token_id, 6, alpha=0.3,
+    roll = M.sample_rollouts(student, teacher, ids, attn, torch.tensor([tok.eos_token_id]), tok.pad_token_id, 6, alpha=0.3,
                              generator=torch.Generator().manual_seed(1))
     for i, p in enumerate(prompts):
         n = int(roll["mask"][i].sum())
