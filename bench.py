@@ -429,9 +429,9 @@ def bench_offload(B=64, N=256, vocab=151665, R=256, micro=16, chunk=8):
     finally:
         M.offloaded = saved
     per = lambda t, k: {key: (val * scale if "bytes" in key else val) / k for key, val in t.items()}  # noqa: E731
-    row_bytes = N * vocab * 2
-    old_read = traffic([(micro * row_bytes // scale, False)], gathered=micro * row_bytes // scale)  # store[rows], then .to(device)
-    total = R * row_bytes
+    rows_bytes = micro * N * v * 2  # (micro, N, V) fp16, at the scaled-down V
+    old_read = traffic([(rows_bytes, False)], gathered=rows_bytes)  # store[rows] (a gather), then .to(device)
+    total = R * N * vocab * 2
     return {"shape": dict(B=B, N=N, vocab=vocab, R=R, micro_batch=micro, store_dtype="float16"),
             "per_token_before": per(traffic(old.copies), chunk), "per_token_after": per(traffic(new.copies), chunk),
             "per_micro_batch_read_before": per(old_read, 1), "per_micro_batch_read_after": per(traffic(new_read.copies), 1),

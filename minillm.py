@@ -28,7 +28,9 @@ Deliberate simplifications, stated up front:
     whole teacher and student) or PyTorch's own FSDP2 (--fsdp). No DeepSpeed, no tensor parallelism, no
     value network, no KL-to-reference: the official code has none of the last two either.
   * The teacher runs exactly once per rollout token: the logits it produces while sampling are kept and
-    reused for the rewards and the single-step term (the official code re-runs the teacher 3+ times).
+    reused for the rewards and the single-step term (the official code re-runs the teacher 3+ times). It is
+    not stepped token by token: a coin per position says which model draws the token (the same p~), and the
+    teacher catches up over the tokens it has not seen in one forward where a coin picks it (sample_rollouts).
   * Advantages (and their whitening, lmops recipe only) are computed once per collection of rollouts,
     over response tokens only; the official code whitens per minibatch and includes padding.
   * bf16 must not change the algorithm: LM heads return fp32 logits, and log q_old is recomputed once per
@@ -1252,7 +1254,7 @@ def pinned_zeros(shape, dtype):
     import weakref
     host = np.zeros(math.prod(shape) * torch.empty((), dtype=dtype).element_size(), dtype=np.uint8)
     cudart = torch.cuda.cudart()
-    if cudart.cudaHostRegister(host.ctypes.data, host.nbytes, 0) != 0:  # cudaSuccess = 0; else: pageable, still correct
+    if cudart.cudaHostRegister(host.ctypes.data, host.nbytes, 0) != cudart.cudaError.success:  # then pageable: correct, slower
         print("warning: cudaHostRegister failed; --teacher-logits offload uses pageable memory (slower copies)", file=sys.stderr)
     else:
         weakref.finalize(host, cudart.cudaHostUnregister, host.ctypes.data)  # before numpy frees the memory
