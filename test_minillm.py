@@ -349,9 +349,12 @@ def test_samples_follow_the_mixture(alpha):
 
 
 def response_probs(model, ys):
-    """Per-token probabilities of each response in `ys` under `model`: a list of (n,) tensors."""
+    """Per-token probabilities of each response in `ys` under `model`: a list of (n,) tensors. One forward over all
+    of them, right-padded (a causal model's earlier positions never see the padding)."""
+    padded = torch.tensor([PROMPT + y + [0] * (N_MAX - len(y)) for y in ys])
     with torch.no_grad():
-        return [torch.softmax(response_logits(model, y)[0].double(), -1)[torch.arange(len(y)), y] for y in ys]
+        probs = torch.softmax(model(input_ids=padded).logits[:, len(PROMPT) - 1:-1].double(), -1)  # (R, N_MAX, V)
+    return [probs[i, torch.arange(len(y)), y] for i, y in enumerate(ys)]
 
 
 def response_code(tokens, n):
