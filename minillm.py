@@ -494,6 +494,7 @@ def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_ids, pad_id, 
 
     def settle(logp):  # the teacher's log p (B, L, V) at positions start..start+L-1, whose tokens are all drawn
         L = logp.shape[1]
+        assert logp.shape[-1] == V, "p and q_θ are compared token by token: one vocabulary (fp32_head slices both)"
         y = torch.stack(ys[start:start + L], 1)  # (B, L)
         rec["logp_teacher"].append(logp.gather(-1, y[..., None]).squeeze(-1))
         rec["kl"].append(reverse_kl(torch.stack(pending, 1), logp))
