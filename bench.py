@@ -93,6 +93,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="CPU only: torch threads (default 1: on a small shared machine, 2 OpenMP threads wait on each other "
                         "whenever another process takes a core, which inflates ops-heavy decode loops; 0 = torch's default)")
+    p.add_argument("--baseline", default=None,
+                   help="another minillm.py (e.g. `git show 38259c6:minillm.py > /tmp/old/minillm.py`): its sample_rollouts "
+                        "is timed in the same rounds as ours (mixed_vs_generate_baseline, depth.speedup_vs_baseline)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fsdp-memory", action="store_true",
                    help="instead: peak RSS per rank of 2-rank --fsdp SFT against one process (gloo, CPU; ~5 minutes, "
@@ -213,12 +216,26 @@ def quiet_distill():
 # ----------------------------------------------------------------------------------------------------
 # 1. Sampling: teacher-mixed vs Hugging Face generate.
 
-def sampling_jobs(student, teacher, ids, attn, sh, device, dtype):
+def sampling_jobs(student, teacher, ids, attn, sh, device, dtype, calls=None, baseline=None):
+    """calls: a dict that counts the teacher's forward calls and the positions decoded by `ours` (every round).
+    baseline: another minillm module (--baseline): its sample_rollouts, on the same shapes, as sample_baseline."""
     N, gen = sh["N"], torch.Generator(device=device).manual_seed(1)
+    eos = torch.tensor([FakeTokenizer.eos_token_id], device=device)
 
     def ours():
-        M.sample_rollouts(student, teacher, ids, attn, torch.tensor([FakeTokenizer.eos_token_id], device=device),
-                          FakeTokenizer.pad_token_id, N, alpha=0.2, dtype=dtype, keep_teacher_logits=True, generator=gen)
+        handle = None if calls is None else teacher.register_forward_pre_hook(
+            lambda *_: calls.update(teacher=calls["teacher"] + 1))
+        roll = M.sample_rollouts(student, teacher, ids, attn, eos, FakeTokenizer.pad_token_id, N,
+                                 alpha=0.2, dtype=dtype, keep_teacher_logits=True, generator=gen)
+        if handle is not None:
+            handle.remove()
+            calls["positions"] += roll["tokens"].shape[1]
+
+    jobs = {"sample_ours": ours}
+    if baseline is not None:
+        jobs["sample_baseline"] = lambda: baseline.sample_rollouts(
+            student, teacher, ids, attn, eos, FakeTokenizer.pad_token_id, N, alpha=0.2, dtype=dtype,
+            keep_teacher_logits=True, generator=gen)
 
     def hf(model, amp):
         def run():
@@ -229,7 +246,7 @@ def sampling_jobs(student, teacher, ids, attn, sh, device, dtype):
             assert out.shape[1] == ids.shape[1] + N
         return run
 
-    return {"sample_ours": ours,
+    return {**jobs,
             "generate_student": hf(student, True),  # the student runs under autocast, as ours
             "generate_teacher": hf(teacher, False)}  # bf16 weights, as ours
 
@@ -247,12 +264,13 @@ class PositionCounter:
     def hook(self, module, args, kwargs):
         ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
         b, L = ids.shape
+        end = kwargs["attention_mask"].shape[1] if kwargs.get("attention_mask") is not None else L  # positions so far
         self.calls += 1
-        if L == 1:  # a decode step: one new position
-            self.response += b
-        else:  # a forward from the start of the prompt: P-1 prompt-only positions, the rest predict response tokens
-            self.prompt_only += b * min(L, self.P - 1)
-            self.response += b * max(0, L - (self.P - 1))
+        # The call covers positions end-L .. end-1; those from P-1 on predict a response token (a decode step: one,
+        # a chunk of the coin sampler: L, a prefill: L - (P-1)); the others only read the prompt.
+        prompt_only = max(0, min(end, self.P - 1) - (end - L))
+        self.prompt_only += b * prompt_only
+        self.response += b * (L - prompt_only)
 
 
 def bench_teacher_evals(student, teacher, prompts, pt_stream, sh, device, dtype):
@@ -319,6 +337,125 @@ def step_jobs(student, teacher, prompts, pt_stream, sh, device, dtype):
     jobs.update(part_sampling=(sampling, zero), part_loss_backward=(loss_backward, zero), part_pt=(pt_backward, zero),
                 part_optimizer=(opt_step, fill_grads), recompute_logp_old=(recompute, zero))
     return jobs
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3b. Teacher-mixed sampling at a real-model-like depth ratio: the teacher 4x deeper than the student.
+
+DEPTH = {  # (layers, width, heads) of each model, B rollouts, P prompt tokens, N new tokens
+    "tiny": dict(teacher=(16, 256, 4), student=(4, 256, 4), B=8, P=32, N=64, repeats=3),
+    "paper": dict(teacher=(48, 1600, 25), student=(12, 768, 12), B=64, P=256, N=256, repeats=3),  # gpt2-xl / gpt2: 4x
+    "smoke": dict(teacher=(4, 16, 2), student=(1, 16, 2), B=2, P=8, N=8, repeats=1),
+}
+
+
+def bench_depth(shapes, device, dtype, repeats=None, baseline=None, alpha=0.2):
+    """One collection of B rollouts (sample_rollouts, N new tokens, α = 0.2 and α = 0) with the teacher 4x deeper
+    than the student, against the teacher at every position (coins all 1: the cost of stepping the teacher at
+    every token, as the sampler did before the coins) and, with --baseline, the old sample_rollouts itself."""
+    sh = DEPTH[shapes]
+    teacher = gpt2(*sh["teacher"], device, dtype, seed=3).requires_grad_(False)
+    student = gpt2(*sh["student"], device, torch.float32, seed=4)
+    g = torch.Generator().manual_seed(5)
+    ids, attn = (x.to(device) for x in M.collate_prompts(torch.randint(0, V - 1, (sh["B"], sh["P"]), generator=g).tolist(),
+                                                           FakeTokenizer.pad_token_id))
+    eos, gen, N = torch.tensor([FakeTokenizer.eos_token_id], device=device), torch.Generator(device=device).manual_seed(1), sh["N"]
+
+    def sample(alpha, coins=None, module=M):
+        kw = {} if module is not M else {"coins": coins}
+        return lambda: module.sample_rollouts(student, teacher, ids, attn, eos, FakeTokenizer.pad_token_id, N, alpha=alpha,
+                                              dtype=dtype, keep_teacher_logits=True, generator=gen, **kw)
+
+    jobs = {"coins_alpha_0.2": sample(alpha), "coins_alpha_0": sample(0.0),
+            "teacher_every_position": sample(alpha, torch.ones(N, dtype=torch.bool))}
+    if baseline is not None:
+        jobs["baseline_alpha_0.2"] = sample(alpha, module=baseline)
+    res = measure(jobs, device, repeats or sh["repeats"])
+    t = {k: v["median_s"] for k, v in res.items()}
+    out = {"config": dict(teacher=sh["teacher"], student=sh["student"], B=sh["B"], P=sh["P"], N=N, vocab=V,
+                          repeats=repeats or sh["repeats"]),
+           "collection_s": t, "collection_all_s": {k: v["all_s"] for k, v in res.items()},
+           "speedup_vs_every_position": t["teacher_every_position"] / t["coins_alpha_0.2"]}
+    if baseline is not None:
+        out["speedup_vs_baseline"] = t["baseline_alpha_0.2"] / t["coins_alpha_0.2"]
+    del teacher, student
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3c. --teacher-logits offload: what each decoded token moves and allocates on the host.
+
+def next_pow2(n):
+    return 1 << (n - 1).bit_length()
+
+
+class CopyLog(torch.overrides.TorchFunctionMode):
+    """Records every Tensor.copy_: the bytes written, and whether the target is one contiguous run of the source's
+    dtype (then a CPU<->GPU copy is one DMA from/to pinned memory, non-blocking) or not (then PyTorch's copy goes
+    through a contiguous pageable host temporary: a synchronous transfer plus a CPU strided copy; Copy.cu,
+    copy_requires_temporaries)."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.copy_:
+            dst, src = args[0], args[1]
+            direct = dst.is_contiguous() and src.is_contiguous() and dst.dtype == src.dtype
+            self.copies.append((dst.numel() * dst.element_size(), direct))
+        return func(*args, **kwargs)
+
+
+def traffic(copies, gathered=0):
+    """Per-copy costs by PyTorch's rules, as on a GPU: bytes over the bus, pageable host bytes allocated, bytes the
+    CPU reads and writes, synchronous transfers. gathered: bytes of a CPU index gather before an upload."""
+    t = dict(bus_bytes=0, host_alloc_bytes=gathered, cpu_copy_bytes=2 * gathered, copies=len(copies), sync_copies=0)
+    for n, direct in copies:
+        t["bus_bytes"] += n
+        if not direct or gathered:  # a pageable temporary (or a pageable source): staged and synchronous
+            t["host_alloc_bytes"] += 0 if gathered else n
+            t["cpu_copy_bytes"] += 0 if gathered else 2 * n
+            t["sync_copies"] += 1
+    return t
+
+
+def bench_offload(B=64, N=256, vocab=151665, R=256, micro=16, chunk=8):
+    """--teacher-logits offload at a Qwen-sized vocabulary (B rollouts per sampling batch, fp16 store), counted on
+    the CPU: the real write and read code runs on CPU tensors with `minillm.offloaded` forced true, CopyLog
+    records its copies, traffic() prices them as a GPU would. Before: the store written one strided (B, V)
+    fp32 -> fp16 slice per token, minibatch rows gathered by indexing; after: store_write / store_read. Scaled
+    down by `scale` in V (the counts are linear in V) to keep the host memory of the count small."""
+    scale = 64
+    v = vocab // scale
+    store = torch.zeros(B, N, v, dtype=torch.float16)
+    logp = torch.randn(B, chunk, v).log_softmax(-1)
+    with CopyLog() as old:  # before: teacher_out[:, t].copy_(logp.clamp(min=-1e4), non_blocking=True), per token
+        for t in range(chunk):
+            store[:, t].copy_(logp[:, t].clamp(min=-1e4), non_blocking=True)
+    saved = M.offloaded
+    M.offloaded = lambda *a: True  # the GPU path of store_write / store_read, on CPU tensors
+    try:
+        with CopyLog() as new:
+            M.store_write(store, 0, logp)
+        rows = torch.arange(micro)
+        with CopyLog() as new_read:
+            M.store_read(store, rows, N, "cpu")
+    finally:
+        M.offloaded = saved
+    per = lambda t, k: {key: (val * scale if "bytes" in key else val) / k for key, val in t.items()}  # noqa: E731
+    rows_bytes = micro * N * v * 2  # (micro, N, V) fp16, at the scaled-down V
+    old_read = traffic([(rows_bytes, False)], gathered=rows_bytes)  # store[rows] (a gather), then .to(device)
+    total = R * N * vocab * 2
+    return {"shape": dict(B=B, N=N, vocab=vocab, R=R, micro_batch=micro, store_dtype="float16"),
+            "per_token_before": per(traffic(old.copies), chunk), "per_token_after": per(traffic(new.copies), chunk),
+            "per_micro_batch_read_before": per(old_read, 1), "per_micro_batch_read_after": per(traffic(new_read.copies), 1),
+            "store_bytes": total, "pinned_bytes_before": next_pow2(total), "pinned_bytes_after": total,
+            "note": "before: one (B, V) strided fp16 slice per token, written from fp32 (a pageable temporary + a "
+                    "synchronous copy + a CPU strided copy), rows read by an index gather into pageable memory, and "
+                    "the store pinned by PyTorch's host allocator (rounded up to a power of two); after: per row and "
+                    "chunk one contiguous non-blocking DMA each way, and the store page-locked at its exact size"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -746,6 +883,17 @@ def head_report(smoke=False):
                      "sampled_mean_abs = E_{v~p}|Δ log p(v)|."}
 
 
+def load_baseline(path):
+    """--baseline: another minillm.py imported under its own name (the module next to it is not touched)."""
+    if path is None:
+        return None
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("minillm_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main(argv=None):
     a = parse_args(argv)
     if a.fsdp_memory:
@@ -795,8 +943,10 @@ def run(a, device):
     ids, attn = (x.to(device) for x in M.collate_prompts(prompts, FakeTokenizer.pad_token_id))
     pt_stream = iter(lambda: torch.randint(0, V - 1, (P + N,), generator=g), None)
 
+    baseline = load_baseline(a.baseline)
     evals = bench_teacher_evals(student, teacher, prompts, pt_stream, sh, device, dtype)
-    jobs = {**sampling_jobs(student, teacher, ids, attn, sh, device, dtype),
+    calls = {"teacher": 0, "positions": 0}
+    jobs = {**sampling_jobs(student, teacher, ids, attn, sh, device, dtype, calls, baseline),
             **step_jobs(student, teacher, prompts, pt_stream, sh, device, dtype)}
     trl_step, trl_evals, trl_note = (None, None, "skipped (--no-trl)") if a.no_trl else \
         trl_job(student, teacher, ids, attn, sh, device, dtype, a.trl_micro_batch)
@@ -808,9 +958,15 @@ def run(a, device):
     med = lambda r: r["median_s"]  # noqa: E731
     parts = ["part_sampling", "part_loss_backward", "part_pt", "part_optimizer"]
     tokens = B * N
+    depth = bench_depth(a.shapes, device, dtype, a.repeats, baseline)
     res = {
         "mixed_vs_generate": med(samp["ours"]) / (med(samp["generate_student"]) + med(samp["generate_teacher"])),
         "teacher_evals_per_token": evals["teacher_evals_per_token"],
+        "teacher_calls_per_token": calls["teacher"] / calls["positions"],  # sample_ours, α = 0.2, every round
+        "mixed_vs_generate_baseline": med(step["sample_baseline"]) / (med(samp["generate_student"]) + med(samp["generate_teacher"]))
+        if baseline else None,
+        "depth": depth,
+        "offload": bench_offload(),
         "step_vs_parts": med(step["step"]) / sum(med(step[k]) for k in parts),
         "step_vs_trl": med(step["step_no_pt"]) / med(trl_res["step"]) if trl_res else None,
         # the same ratios taken within each round, then the median: steadier when the machine is shared
@@ -819,7 +975,7 @@ def run(a, device):
                 samp["ours"]["all_s"], samp["generate_student"]["all_s"], samp["generate_teacher"]["all_s"])),
             "step_vs_trl": statistics.median(o / t for o, t in zip(step["step_no_pt"]["all_s"], trl_res["step"]["all_s"]))
             if trl_res else None},
-        "targets": {"mixed_vs_generate": "<= 1.10", "teacher_evals_per_token": "1.0 (official code: >= 3)",
+        "targets": {"mixed_vs_generate": "<= 0.50", "teacher_calls_per_token": "<= 0.35 (α = 0.2; about α + 1/N)", "teacher_evals_per_token": "1.0 (official code: >= 3)",
                     "step_vs_parts": "<= 1.20", "step_vs_trl": "<= 0.80"},
         "config": dict(shapes=a.shapes, device=device, device_name=torch.cuda.get_device_name() if device.startswith("cuda") else
                        f"cpu ({torch.get_num_threads()} threads)", dtype=str(dtype), teacher=sh["teacher"], student=sh["student"],
@@ -925,6 +1081,19 @@ def print_table(r):
     for shape, e in lh["logprob_error_nats"].items():
         print(f"LM head {shape}, |Δ log p| at a sampled token (mean / max over p >= 1e-4), nats: "
               + ", ".join(f"{k} {v['sampled_mean_abs']:.1e}/{v['max_abs_p_ge_1e4']:.1e}" for k, v in e.items() if isinstance(v, dict)))
+    d = r["depth"]
+    print(f"teacher calls per decoded position (α = 0.2): {r['teacher_calls_per_token']:.3f}; mixed_vs_generate of "
+          "--baseline: " + ("-" if r["mixed_vs_generate_baseline"] is None else f"{r['mixed_vs_generate_baseline']:.3f}"))
+    print(f"one collection, teacher {d['config']['teacher']} / student {d['config']['student']} (4x deeper), "
+          f"B {d['config']['B']} N {d['config']['N']}: " + ", ".join(f"{k} {ms(v)}" for k, v in d["collection_s"].items())
+          + f"; speed-up vs the teacher at every position {d['speedup_vs_every_position']:.2f}x"
+          + (f", vs --baseline {d['speedup_vs_baseline']:.2f}x" if "speedup_vs_baseline" in d else ""))
+    o = r["offload"]
+    for when in ("before", "after"):
+        w, rd = o[f"per_token_{when}"], o[f"per_micro_batch_read_{when}"]
+        print(f"offload {when}: per token {w['bus_bytes'] / 1e6:.1f} MB over the bus, {w['host_alloc_bytes'] / 1e6:.1f} MB "
+              f"pageable allocated, {w['sync_copies']:.0f} synchronous copies; per micro-batch read "
+              f"{rd['host_alloc_bytes'] / 1e6:.0f} MB allocated; store pinned {gb(o[f'pinned_bytes_{when}'])}")
     print(f"memory: {m['kind']}; process max RSS {gb(m['process_max_rss'])}")
     print(f"trl: {r['notes']['trl']}")
     print(f"wall time {r['wall_s']:.0f} s")

@@ -28,7 +28,9 @@ Deliberate simplifications, stated up front:
     whole teacher and student) or PyTorch's own FSDP2 (--fsdp). No DeepSpeed, no tensor parallelism, no
     value network, no KL-to-reference: the official code has none of the last two either.
   * The teacher runs exactly once per rollout token: the logits it produces while sampling are kept and
-    reused for the rewards and the single-step term (the official code re-runs the teacher 3+ times).
+    reused for the rewards and the single-step term (the official code re-runs the teacher 3+ times). It is
+    not stepped token by token: a coin per position says which model draws the token (the same p~), and the
+    teacher catches up over the tokens it has not seen in one forward where a coin picks it (sample_rollouts).
   * Advantages (and their whitening, lmops recipe only) are computed once per collection of rollouts,
     over response tokens only; the official code whitens per minibatch and includes padding.
   * bf16 must not change the algorithm: LM heads return fp32 logits, and log q_old is recomputed once per
@@ -487,68 +489,107 @@ def forward(model, input_ids, attention_mask, cache=None, logits_to_keep=0):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Teacher-mixed sampling. Both models decode token by token with their own KV cache; the token is drawn
-# from p~ = α·p + (1-α)·q_θ. Every log-probability the loss needs is recorded on the way, and the
-# teacher's logits are kept, so the teacher never runs again on these rollouts.
+# Teacher-mixed sampling. The token y_t is drawn from p~ = α·p + (1-α)·q_θ; every log-probability the loss
+# needs is recorded on the way, and the teacher's log-probabilities are kept, so the teacher never runs again
+# on these rollouts. The student decodes token by token; the teacher runs only where a token is drawn from it.
+
+PENDING_BYTES = 2 ** 30  # student log-probs (fp32) waiting for the teacher's catch-up, at most
 
 @torch.no_grad()
 def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_ids, pad_id, max_new_tokens, alpha=0.2,
                     temperature=1.0, top_p=1.0, top_k=0, dtype=torch.float32, keep_teacher_logits=True,
-                    logits_device=None, generator=None, teacher_out=None):
+                    logits_device=None, generator=None, teacher_out=None, coins=None, max_chunk=None):
     """Sample responses from p~ = α·p + (1-α)·q_θ. Returns a dict of (B, N) tensors:
 
-    tokens, mask (first EOS included), logp_student / logp_teacher (at τ = 1: the distributions being
+    tokens, mask (first end token included), logp_student / logp_teacher (at τ = 1: the distributions being
     distilled), logp_mix (the actual sampling distribution, after τ and top-k/p), w = q_θ/p~,
     kl (full-vocabulary KL(q_θ||p) at each position), top1 (1 where both models' argmax agree: a diagnostic),
-    and teacher_logits (B, N, V): the teacher's log-probabilities
-    log p(·|y_<t) (normalised logits), in store_dtype(dtype). They are written in place into `teacher_out`, a
-    (B, max_new_tokens, V) slice of the collection's buffer, when given (on `logits_device`: CPU memory for
-    --teacher-logits offload, one (B, V) copy per token).
+    and teacher_logits (B, N, V): the teacher's log-probabilities log p(·|y_<t), in store_dtype(dtype), written
+    in place into `teacher_out` (a (B, max_new_tokens, V) slice of the collection's buffer) when given.
+
+    The coin argument (τ = 1, no top-k/p). Drawing y_t from p~ is the same as flipping a coin c_t ~ Bernoulli(α)
+    and drawing y_t from p if c_t = 1, from q_θ if not. The coins need not look at the text, so `coins` (N,) are
+    drawn before decoding, one per position, shared by the batch (and by every rank: under FSDP each teacher
+    forward is a collective). Proof that nothing changes: c_t is independent of y_<t, so in every row
+        P(y_t | y_<t) = α·p(y_t | y_<t) + (1-α)·q_θ(y_t | y_<t) = p~(y_t | y_<t),
+    hence w_t = q_θ/p~ and the estimator are those of per-token mixing. What this buys: the student decodes alone
+    until a position whose coin says "teacher"; there the teacher catches up over the tokens it has not seen in
+    one forward (teacher_chunk), which gives its log-probabilities at every position of the chunk (for w_t, the
+    rewards, the stored log p and the KL), and y_t is drawn from p. About α·N + 1 teacher calls instead of N; at
+    α = 0, one pass over the finished responses, the prompt included. max_chunk bounds the positions whose
+    student log-probabilities wait for the teacher ((B, max_chunk, V) fp32; by default 1 GiB's worth): a catch-up
+    without a coin is pure computation and changes no draw.
+    Tempered or filtered mixtures (τ ≠ 1, top-k, top-p) filter α·p + (1-α)·q_θ as a whole, which is no coin
+    flip: there the teacher runs at every position, as a per-token sampler (`coins` is ignored).
     """
     assert not student.training and not teacher.training, "sampling runs both models in eval mode (no dropout)"
-    B, device = prompt_ids.shape[0], prompt_ids.device
+    B, N, device = prompt_ids.shape[0], max_new_tokens, prompt_ids.device
+    eos_ids = torch.as_tensor(eos_ids, device=device).reshape(-1)  # every end id (1-D)
+    plain = temperature == 1.0 and top_k == 0 and top_p == 1.0  # then p~ is exactly the mixture of q and p
+    if not plain:
+        coins = [True] * N  # the filtered mixture needs both distributions at every position
+    elif coins is None:
+        coins = torch.rand(N, generator=generator, device=generator.device if generator else device) < alpha
+    coins = [bool(c) for c in coins]
     cache_s, cache_t = new_cache(student), new_cache(teacher)
     attn = prompt_mask
     done = torch.zeros(B, dtype=torch.bool, device=device)
     rec = {k: [] for k in ["tokens", "mask", "logp_student", "logp_teacher", "logp_mix", "kl", "top1"]}
-    plain = temperature == 1.0 and top_k == 0 and top_p == 1.0  # then p~ is exactly the mixture of q and p
+    ys, pending, argmax_s, start = [], [], [], 0  # pending: log q_θ (B, V) at positions start.. the teacher has not reached
+
+    def settle(logp):  # the teacher's log p (B, L, V) at positions start..start+L-1, whose tokens are all drawn
+        L = logp.shape[1]
+        assert logp.shape[-1] == V, "p and q_θ are compared token by token: one vocabulary (fp32_head slices both)"
+        y = torch.stack(ys[start:start + L], 1)  # (B, L)
+        rec["logp_teacher"].append(logp.gather(-1, y[..., None]).squeeze(-1))
+        rec["kl"].append(reverse_kl(torch.stack(pending, 1), logp))
+        rec["top1"].append((torch.stack(argmax_s, 1) == logp.argmax(-1)).float())  # a diagnostic: do both agree here?
+        if keep_teacher_logits:
+            store_write(teacher_out, start, logp)
+        pending.clear(), argmax_s.clear()
+        return start + L
+
     # One autocast region for the whole loop: autocast caches the bf16 copies of the student's fp32 weights for
     # as long as the region lasts, so they are cast once per rollout batch, not once per token.
     with autocast(device, dtype):  # the prompt's last position only: the LM head over the prompt is wasted work
         zs = forward(student, prompt_ids, prompt_mask, cache_s, logits_to_keep=1)[:, -1].float()  # (B, V)
-        zt = forward(teacher, prompt_ids, prompt_mask, cache_t, logits_to_keep=1)[:, -1].float()
-        assert zs.shape == zt.shape, "p and q_θ are compared token by token: one vocabulary (fp32_head slices both)"
+        V = zs.shape[-1]
         if keep_teacher_logits and teacher_out is None:
-            teacher_out = torch.empty(B, max_new_tokens, zt.shape[-1], dtype=store_dtype(dtype), device=logits_device or device)
-        for t in range(max_new_tokens):
-            # Every (B, V) op below runs once per token for the whole batch: on small models they cost as much
-            # as the forwards, so each distribution is computed once and reused.
-            logq, logp = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)  # (B, V) at τ = 1
-            q = logq.exp()  # q_θ, for the KL and (at τ = 1) for sampling
-            if plain:  # p~ = (1-α)·q + α·p in one pass; already normalised, nothing to filter
-                mix = torch.lerp(q, logp.exp(), alpha)
-            else:
-                q_tau, p_tau = torch.softmax(zs / temperature, -1), torch.softmax(zt / temperature, -1)
+            teacher_out = torch.empty(B, N, V, dtype=store_dtype(dtype), device=logits_device or device)
+        max_chunk = max_chunk or max(1, PENDING_BYTES // (B * V * 4))
+        for t in range(N):
+            logq = torch.log_softmax(zs, -1)  # (B, V) at τ = 1
+            pending.append(logq)
+            argmax_s.append(zs.argmax(-1))
+            logp = None
+            if coins[t] or len(pending) == max_chunk:  # the teacher catches up: log p at positions start..t
+                logp_chunk = teacher_chunk(teacher, cache_t, prompt_ids, prompt_mask, ys, start, t)
+                logp = logp_chunk[:, -1]  # (B, V): the distribution of y_t
+            if not plain:
+                q_tau, p_tau = torch.softmax(zs / temperature, -1), torch.softmax(logp / temperature, -1)
                 mix = filter_probs(alpha * p_tau + (1 - alpha) * q_tau, top_k, top_p)
-            y = draw(mix, generator)  # (B,)
+                y = draw(mix, generator)  # (B,)
+                rec["logp_mix"].append(mix.gather(-1, y[:, None]).squeeze(-1).log())
+            else:
+                y = draw(logp.exp() if coins[t] else logq.exp(), generator)  # the coin says which model draws y_t
+            ys.append(y)
             live = ~done
             rec["tokens"].append(torch.where(live, y, torch.full_like(y, pad_id)))
             rec["mask"].append(live.float())
-            lq_y, lp_y = logq.gather(-1, y[:, None]).squeeze(-1), logp.gather(-1, y[:, None]).squeeze(-1)
-            rec["logp_student"].append(lq_y)
-            rec["logp_teacher"].append(lp_y)
-            rec["logp_mix"].append(mixture_logprobs(lq_y, lp_y, alpha) if plain else mix.gather(-1, y[:, None]).squeeze(-1).log())
-            rec["kl"].append(reverse_kl(logq, logp))
-            rec["top1"].append((zs.argmax(-1) == zt.argmax(-1)).float())  # a diagnostic: do both models agree here?
-            if keep_teacher_logits:  # clamped so that fp16 holds it (-inf would make 0·inf = NaN in a KL)
-                teacher_out[:, t].copy_(logp.clamp(min=-1e4), non_blocking=True)
-            done = done | torch.isin(y, eos_ids)  # eos_ids: every end id (end_ids), a 1-D LongTensor
-            if all_done(done, student, teacher) or t == max_new_tokens - 1:  # under FSDP: every rank's rollouts
+            rec["logp_student"].append(logq.gather(-1, y[:, None]).squeeze(-1))
+            if logp is not None:
+                start = settle(logp_chunk)
+            done = done | torch.isin(y, eos_ids)
+            if all_done(done, student, teacher) or t == N - 1:  # under FSDP: every rank's rollouts
                 break  # the last token needs no forward: nobody conditions on it
             attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
             zs = forward(student, y[:, None], attn, cache_s)[:, -1].float()
-            zt = forward(teacher, y[:, None], attn, cache_t)[:, -1].float()
-    out = {k: torch.stack(v, dim=1) for k, v in rec.items()}
+        if pending:  # positions after the last teacher call: one pass over them
+            settle(teacher_chunk(teacher, cache_t, prompt_ids, prompt_mask, ys, start, len(ys) - 1))
+    out = {k: torch.stack(v, dim=1) for k, v in rec.items() if k not in ("logp_teacher", "kl", "top1", "logp_mix")}
+    out.update({k: torch.cat(rec[k], dim=1) for k in ("logp_teacher", "kl", "top1")})
+    out["logp_mix"] = mixture_logprobs(out["logp_student"], out["logp_teacher"], alpha) if plain else \
+        torch.stack(rec["logp_mix"], dim=1)
     m = out["mask"]
     for k in ["logp_student", "logp_teacher", "logp_mix", "kl", "top1"]:
         out[k] = out[k] * m
@@ -558,6 +599,17 @@ def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_ids, pad_id, 
             torch.cuda.synchronize(device)  # the non-blocking copies into pinned memory must land before it is read
         out["teacher_logits"] = teacher_out[:, :m.shape[1]]  # a view: no copy
     return out
+
+
+def teacher_chunk(teacher, cache, prompt_ids, prompt_mask, ys, start, t):
+    """log p(·|y_<j) at response positions j = start..t, (B, t-start+1, V) fp32, by one cached forward over the
+    tokens the teacher has not seen: y_{start-1} .. y_{t-1} (on its first call, start = 0: the prompt and y_0 .. y_{t-1})."""
+    B = prompt_ids.shape[0]
+    attn = torch.cat([prompt_mask, prompt_mask.new_ones(B, t)], dim=1)  # prompt + y_0 .. y_{t-1}
+    new = [prompt_ids] if start == 0 else []
+    new += [torch.stack(ys[max(start - 1, 0):t], 1)] if t > 0 else []
+    logits = forward(teacher, torch.cat(new, 1), attn, cache, logits_to_keep=t - start + 1)
+    return torch.log_softmax(logits.float(), -1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -750,20 +802,26 @@ def sft(model, tok, train, val, out_dir, args, lr, epochs, dtype, teacher=None, 
 # MiniLLM distillation: collect rollouts from p~, then PPO-style epochs over them. Phase 2.
 
 @torch.no_grad()
-def collect_rollouts(student, teacher, prompts, args, eos_ids, pad_id, dtype, generator=None, store=None, minibatches=None):
+def collect_rollouts(student, teacher, prompts, args, eos_ids, pad_id, dtype, generator=None, store=None, minibatches=None,
+                     coin_seed=None):
     """Sample len(prompts) rollouts in chunks of --gen-batch-size; add rewards r_t and advantages.
     eos_ids: every token id that ends a response (end_ids). store: teacher_store()'s buffer, reused from one
     collection to the next (allocated here if None). minibatches: the row lists the loss will train on (bf16: log
-    q_old is recomputed in their micro-batches); default: the rows in order, --batch-size at a time."""
+    q_old is recomputed in their micro-batches); default: the rows in order, --batch-size at a time.
+    coin_seed: seeds the teacher/student coins (sample_rollouts), the same on every rank (default --seed);
+    `generator` (one per rank) draws the tokens."""
     student.eval()
     if store is None:
         store = teacher_store(args, len(prompts), n_logits(teacher), dtype)
+    coin_gen = torch.Generator().manual_seed(args.seed if coin_seed is None else coin_seed)  # on the CPU: any device agrees
     chunks, eos_tensor = [], torch.tensor(sorted(eos_ids), device=args.device)
     for i in range(0, len(prompts), args.gen_batch_size):
         ids, attn = (x.to(args.device) for x in collate_prompts(prompts[i:i + args.gen_batch_size], pad_id))
+        coins = torch.rand(args.max_new_tokens, generator=coin_gen) < args.alpha  # c_t = 1: y_t is drawn from p
         roll = sample_rollouts(student, teacher, ids, attn, eos_tensor, pad_id, args.max_new_tokens, args.alpha,
                                args.temperature, args.top_p, args.top_k, dtype, keep_teacher_logits=store is not None,
-                               generator=generator, teacher_out=None if store is None else store[i:i + len(ids)])
+                               generator=generator, teacher_out=None if store is None else store[i:i + len(ids)],
+                               coins=coins)
         roll.pop("teacher_logits", None)  # already in `store`
         roll["prompt_ids"], roll["prompt_mask"] = ids, attn
         chunks.append(roll)
@@ -806,7 +864,7 @@ def minillm_backward(model, mb, args, dtype, sync=True, teacher_logits=None, tea
         if args.single_step and "teacher_logits" not in micro:
             N = micro["tokens"].shape[1]
             if teacher_logits is not None:
-                micro["teacher_logits"] = teacher_logits[micro["rows"].to(teacher_logits.device), :N]
+                micro["teacher_logits"] = store_read(teacher_logits, micro["rows"], N, micro["tokens"].device)
             else:
                 with torch.no_grad():
                     micro["teacher_logits"] = student_response_logits(teacher, micro, dtype)
@@ -869,7 +927,8 @@ def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None
             buf = None  # the last collection's tensors go before the next one's arrive
             with gathered(student, not args.fsdp_sample_sharded):  # FSDP: all-gathered once, not at every token
                 buf = collect_rollouts(student, teacher, batch_prompts[rank()::world()], args, eos_ids,
-                                       tok.pad_token_id, dtype, gen, store, minibatches)
+                                       tok.pad_token_id, dtype, gen, store, minibatches,
+                                       coin_seed=1_000_003 * args.seed + step)  # every rank: the same coins
             roll_stats = dict(rollout_stats(buf, time.time() - t_s, eos_ids), collection_step=step)
             for epoch in range(args.ppo_epochs):  # the first epoch in the permutation's order (already random)
                 queue += minibatches if epoch == 0 else order_rng.sample(minibatches, len(minibatches))
@@ -1489,10 +1548,57 @@ def teacher_store(args, n_rollouts, vocab_size, dtype):
     keeps none and runs the teacher again on every micro-batch (the official code's way)."""
     if args.teacher_logits == "recompute" or not args.single_step:
         return None
-    offload = args.teacher_logits == "offload"
-    device = "cpu" if offload else args.device
-    pin = offload and torch.device(args.device).type == "cuda"  # pinned: the fastest host memory for the copies
-    return torch.zeros(n_rollouts, args.max_new_tokens, vocab_size, dtype=store_dtype(dtype), device=device, pin_memory=pin)
+    shape = (n_rollouts, args.max_new_tokens, vocab_size)
+    if args.teacher_logits == "offload" and torch.device(args.device).type == "cuda":
+        return pinned_zeros(shape, store_dtype(dtype))
+    device = "cpu" if args.teacher_logits == "offload" else args.device
+    return torch.zeros(shape, dtype=store_dtype(dtype), device=device)
+
+
+def pinned_zeros(shape, dtype):
+    """Zeros in page-locked host memory of exactly the size asked. torch.empty(pin_memory=True) goes through
+    PyTorch's caching host allocator, which rounds every block up to a power of two (18.5 GiB asked: 32 GiB
+    pinned, in torch 2.11 and, by default, 2.13). Here: plain host memory, page-locked in place with
+    cudaHostRegister and released when the last tensor viewing it is gone. The copies see an ordinary pinned
+    tensor: DMA, non-blocking."""
+    import numpy as np
+    import weakref
+    host = np.zeros(math.prod(shape) * torch.empty((), dtype=dtype).element_size(), dtype=np.uint8)
+    cudart = torch.cuda.cudart()
+    if cudart.cudaHostRegister(host.ctypes.data, host.nbytes, 0) != cudart.cudaError.success:  # then pageable: correct, slower
+        print("warning: cudaHostRegister failed; --teacher-logits offload uses pageable memory (slower copies)", file=sys.stderr)
+    else:
+        weakref.finalize(host, cudart.cudaHostUnregister, host.ctypes.data)  # before numpy frees the memory
+    return torch.from_numpy(host).view(dtype).view(shape)  # holds `host`: it lives as long as any view of it
+
+
+def offloaded(store, device):
+    """Is the teacher's log-prob store in host memory while the models run on an accelerator (--teacher-logits offload)?"""
+    return store.device.type == "cpu" and torch.device(device).type != "cpu"
+
+
+def store_write(store, start, logp):
+    """store[:, start:start+L] = log p, (B, L, V), clamped so that fp16 holds it (-inf would make 0·inf = NaN in a
+    KL). Offloaded, one contiguous non-blocking copy per row into the pinned rows (row-major (R, N, V): a row's
+    chunk is contiguous): a strided target would make each copy a synchronous pass through a pageable temporary."""
+    src = logp.clamp(min=-1e4).to(store.dtype)  # converted on the device: the copy itself moves store bytes only
+    if not offloaded(store, logp.device):
+        store[:, start:start + src.shape[1]].copy_(src)
+        return
+    for b in range(src.shape[0]):  # sample_rollouts synchronises before the store is read
+        store[b, start:start + src.shape[1]].copy_(src[b], non_blocking=True)
+
+
+def store_read(store, rows, n, device):
+    """The store's rows `rows` (a LongTensor of buffer rows), first n positions, on `device`: (len(rows), n, V).
+    Offloaded, each row is one contiguous non-blocking copy from pinned memory (store[rows] would gather them
+    into a pageable temporary first, and the upload from pageable memory is synchronous)."""
+    if not offloaded(store, device):
+        return store[rows.to(store.device), :n].to(device)
+    out = torch.empty(len(rows), n, store.shape[-1], dtype=store.dtype, device=device)
+    for j, r in enumerate(rows.tolist()):
+        out[j].copy_(store[r, :n], non_blocking=True)  # stream-ordered before the loss that reads `out`
+    return out
 
 
 def pad_to(x, length, dim, value=0, left=False):

@@ -27,4 +27,10 @@ def test_bench_smoke(capsys):
     assert 0.1 < head["flop_share"]["gpt2 (124M)"]["head_share"] < 0.4
     for err in head["logprob_error_nats"].values():
         assert err["fp32"]["sampled_mean_abs"] < err["bf16 in, fp32 out"]["sampled_mean_abs"] < err["bf16 out"]["sampled_mean_abs"]
+    assert 0 < out["teacher_calls_per_token"] <= 1.0 and out["mixed_vs_generate_baseline"] is None
+    assert set(out["depth"]["collection_s"]) == {"coins_alpha_0.2", "coins_alpha_0", "teacher_every_position"}
+    o = out["offload"]  # the offload's copies: contiguous DMAs, no pageable temporaries, no power-of-two rounding
+    assert o["per_token_after"]["host_alloc_bytes"] == 0 < o["per_token_before"]["host_alloc_bytes"]
+    assert o["per_token_after"]["bus_bytes"] == o["per_token_before"]["bus_bytes"] == 64 * (151665 // 64) * 64 * 2
+    assert o["per_micro_batch_read_after"]["host_alloc_bytes"] == 0 and o["pinned_bytes_after"] == o["store_bytes"]
     assert res["config"]["B"] == 2 and all(v > 0 for k, v in res["timings_s"].items() if v is not None)

@@ -275,29 +275,37 @@ def test_whiten():
 # ---------------------------------------------------------------------------------------------------
 # 3. Teacher-mixed sampling.
 
-def test_recorded_logprobs_equal_a_fresh_forward():
+@pytest.mark.parametrize("alpha,coins,max_chunk,top_k", [
+    (0.5, None, None, 0),  # coins drawn inside: the teacher catches up in chunks of varying length
+    (0.0, None, None, 0),  # one teacher pass over the finished responses, prompt included
+    (1.0, None, None, 0),  # the teacher at every position
+    (0.5, [0, 0, 1, 0, 0, 0, 0, 1], 2, 0),  # catch-ups forced by max_chunk between the coins
+    (0.5, None, None, 3)])  # top-k over the mixture: the per-token path
+def test_recorded_logprobs_equal_a_fresh_forward(alpha, coins, max_chunk, top_k):
     """KV-cached, left-padded sampling records the log-probs and teacher logits of a plain forward of each row
-    alone: model(input_ids=prompt + response), no padding, default positions. Rows end at EOS at different steps."""
+    alone: model(input_ids=prompt + response), no padding, default positions, however the teacher's calls are
+    chunked. Rows end at EOS at different steps."""
     student = boost_eos(tiny_gpt2(40, 3, scale=5.0), 1, 2.0)
     teacher = boost_eos(tiny_gpt2(40, 4, n_layer=3, scale=5.0), 1, 2.0)
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
     ids, attn = M.collate_prompts(prompts, pad_id=0)
-    alpha = 0.5
     roll = M.sample_rollouts(student, teacher, ids, attn, eos_ids=torch.tensor([1]), pad_id=0, max_new_tokens=8, alpha=alpha,
-                             generator=torch.Generator().manual_seed(4))
+                             top_k=top_k, generator=torch.Generator().manual_seed(4), max_chunk=max_chunk,
+                             coins=None if coins is None else torch.tensor(coins, dtype=torch.bool))
     lengths = roll["mask"].sum(1).long().tolist()
-    assert lengths == [8, 6, 1]  # the left-padded row 1 ends at EOS after 6 tokens, row 2 at once
+    assert max(lengths) == 8 and min(lengths) < 8  # rows end at EOS at different steps
     for i, (p, n) in enumerate(zip(prompts, lengths)):
         y = roll["tokens"][i, :n]
-        assert (y[-1] == 1) == (n < 8) and 1 not in y[:-1].tolist()
+        assert (y[-1] == 1 or n == 8) and 1 not in y[:-1].tolist()  # ended at its first EOS, or at the limit
         with torch.no_grad():
             zs = student(input_ids=torch.tensor([p + y.tolist()])).logits[0, len(p) - 1:-1]  # (n, V)
             zt = teacher(input_ids=torch.tensor([p + y.tolist()])).logits[0, len(p) - 1:-1]
         lq, lp = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
         idx = torch.arange(n)
-        mix = ((1 - alpha) * lq.exp() + alpha * lp.exp())[idx, y]
+        mix = M.filter_probs((1 - alpha) * lq.exp() + alpha * lp.exp(), top_k)[idx, y]
         expected = {"logp_student": lq[idx, y], "logp_teacher": lp[idx, y], "logp_mix": mix.log(),
-                    "w": lq[idx, y].exp() / mix, "kl": (lq.exp() * (lq - lp)).sum(-1)}
+                    "w": lq[idx, y].exp() / mix, "kl": (lq.exp() * (lq - lp)).sum(-1),
+                    "top1": (zs.argmax(-1) == zt.argmax(-1)).float()}
         for k, v in expected.items():
             torch.testing.assert_close(roll[k][i, :n], v, atol=1e-4, rtol=0, msg=k)
             assert (roll[k][i, n:] == 0).all(), k  # masked after the EOS
@@ -319,26 +327,117 @@ def test_response_mask_first_eos_is_a_target():
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
 def test_samples_follow_the_mixture(alpha):
-    """Tokens are drawn from p~ = α·p + (1-α)·q_θ (α = 0: the student, α = 1: the teacher); in between, sampling
-    and the recorded log p~ and w = q_θ/p~ take different code paths, and both must be the exact mixture."""
+    """Tokens are drawn from p~ = α·p + (1-α)·q_θ as a coin flip shared by the batch: coin 1, every row draws from
+    p; coin 0, from q_θ (α = 0: never the teacher, α = 1: always). The recorded log p~ and w = q_θ/p~ are those of
+    the exact mixture whatever the coin: they take a different code path from the draw."""
     student, teacher = tiny_gpt2(5, 7, scale=2.0, tied=False), tiny_gpt2(5, 8, scale=2.0, tied=False)
     prompt = torch.tensor([[2, 3, 4]])
     with torch.no_grad():
         q = torch.softmax(student(input_ids=prompt).logits[0, -1], -1)
         p = torch.softmax(teacher(input_ids=prompt).logits[0, -1], -1)
     assert (p - q).abs().sum() > 0.3  # the two are easy to tell apart
-    n = 4000
+    n = 2000
     ids, attn = M.collate_prompts([[2, 3, 4]] * n, pad_id=0)
-    roll = M.sample_rollouts(student, teacher, ids, attn, eos_ids=torch.tensor([99]), pad_id=0, max_new_tokens=1, alpha=alpha,
-                             generator=torch.Generator().manual_seed(0))
-    freq = torch.bincount(roll["tokens"][:, 0], minlength=5).float() / n
     target = alpha * p + (1 - alpha) * q
-    assert (freq - target).abs().max() < 4 * (0.25 / n) ** 0.5  # 4 standard errors
-    y = roll["tokens"][:, 0]
-    torch.testing.assert_close(roll["logp_mix"][:, 0], target[y].log(), atol=1e-5, rtol=0)
-    torch.testing.assert_close(roll["w"][:, 0], q[y] / target[y], atol=1e-5, rtol=0)
+    for coin in [c for c in (False, True) if (alpha > 0 if c else alpha < 1)]:  # the coins of positive probability
+        roll = M.sample_rollouts(student, teacher, ids, attn, eos_ids=torch.tensor([99]), pad_id=0, max_new_tokens=1,
+                                 alpha=alpha, generator=torch.Generator().manual_seed(0), coins=torch.tensor([coin]))
+        freq = torch.bincount(roll["tokens"][:, 0], minlength=5).float() / n
+        assert (freq - (p if coin else q)).abs().max() < 4 * (0.25 / n) ** 0.5  # 4 standard errors
+        y = roll["tokens"][:, 0]
+        torch.testing.assert_close(roll["logp_mix"][:, 0], target[y].log(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(roll["w"][:, 0], q[y] / target[y], atol=1e-5, rtol=0)
     if alpha == 0:
         assert torch.equal(roll["w"], torch.ones_like(roll["w"]))
+
+
+def response_probs(model, ys):
+    """Per-token probabilities of each response in `ys` under `model`: a list of (n,) tensors. One forward over all
+    of them, right-padded (a causal model's earlier positions never see the padding)."""
+    padded = torch.tensor([PROMPT + y + [0] * (N_MAX - len(y)) for y in ys])
+    with torch.no_grad():
+        probs = torch.softmax(model(input_ids=padded).logits[:, len(PROMPT) - 1:-1].double(), -1)  # (R, N_MAX, V)
+    return [probs[i, torch.arange(len(y)), y] for i, y in enumerate(ys)]
+
+
+def response_code(tokens, n):
+    """A response (its first n of N_MAX tokens) as one integer, (..., N_MAX), (...) -> (...)."""
+    pos = torch.arange(N_MAX)
+    return (tokens * (pos < n[..., None]) * V ** pos).sum(-1) + V ** N_MAX * n
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.2, 1.0])
+def test_whole_responses_follow_the_product_of_mixtures(alpha):
+    """The law of a whole response is Π_t p~(y_t|y_<t), for coins drawn in advance and shared by the batch.
+    Given the coins c, the rows are independent draws from Π_t (c_t ? p : q_θ)(y_t|y_<t) (a χ² test with a fixed
+    seed, for every coin sequence); averaged over c ~ Bernoulli(α)^N this is Π_t p~ (exact, by enumeration)."""
+    student, teacher = tiny_gpt2(V, 20, n_layer=1, n_embd=8, scale=3.0), tiny_gpt2(V, 21, n_layer=1, n_embd=8, scale=3.0)
+    ys = all_responses()
+    q, p = response_probs(student, ys), response_probs(teacher, ys)
+    law = torch.zeros(len(ys), dtype=torch.float64)  # Σ_c P(c) Π_t (c_t ? p : q)
+    n = 2000
+    ids, attn = M.collate_prompts([PROMPT] * n, pad_id=0)
+    for c in itertools.product([0, 1], repeat=N_MAX):
+        weight = alpha ** sum(c) * (1 - alpha) ** (N_MAX - sum(c))
+        if weight == 0:
+            continue
+        given_c = torch.stack([torch.where(torch.tensor(c[:len(y)]).bool(), pi, qi).prod() for y, pi, qi in zip(ys, p, q)])
+        law += weight * given_c
+        roll = M.sample_rollouts(student, teacher, ids, attn, torch.tensor([EOS]), 0, N_MAX, alpha,
+                                 generator=torch.Generator().manual_seed(sum(c)), coins=torch.tensor(c).bool())
+        drawn = response_code(roll["tokens"], roll["mask"].sum(1).long())  # one integer per response
+        counts = torch.stack([(drawn == response_code(torch.tensor(y + [0] * (N_MAX - len(y))), torch.tensor(len(y))))
+                              .sum() for y in ys]).double()
+        assert counts.sum() == n  # every sample is one of the enumerated responses
+        expected = n * given_c
+        big = expected >= 5  # χ² over the cells expected 5+ times, the rest lumped into one cell
+        obs = torch.cat([counts[big], counts[~big].sum()[None]])
+        exp = torch.cat([expected[big], expected[~big].sum()[None]])
+        chi2, df = ((obs - exp) ** 2 / exp.clamp(min=1e-9)).sum().item(), len(obs) - 1
+        assert chi2 < df + 5 * (2 * df) ** 0.5, (c, chi2, df)  # ~5 standard deviations of a χ²(df)
+    mix = [alpha * pi + (1 - alpha) * qi for pi, qi in zip(p, q)]
+    torch.testing.assert_close(law, torch.stack([m.prod() for m in mix]), atol=1e-12, rtol=0)
+    torch.testing.assert_close(law.sum(), torch.tensor(1.0, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+class CallCounter:
+    """Counts a model's forward calls (a forward pre-hook)."""
+
+    def __init__(self, model):
+        self.calls = 0
+        model.register_forward_pre_hook(lambda *a: setattr(self, "calls", self.calls + 1))
+
+
+@pytest.mark.parametrize("coins,max_chunk,calls", [
+    ([0] * 8, None, 1),  # α = 0: one pass over the finished responses (the prompt included)
+    ([1] * 8, None, 8),  # α = 1: every position
+    ([0, 1, 0, 0, 1, 0, 0, 0], None, 3),  # at each coin, and once more for the positions after the last one
+    ([0, 1, 0, 0, 1, 0, 0, 1], None, 3),  # the last position is a coin: nothing is left after it
+    ([0] * 8, 3, 3)])  # max_chunk: positions 0-2, 3-5, 6-7
+def test_teacher_runs_at_coins_only(coins, max_chunk, calls):
+    """The student decodes every token; the teacher runs once per coin that says "teacher", plus once for the
+    positions after the last coin (and whenever max_chunk positions are waiting). Every position is scored."""
+    student, teacher = tiny_gpt2(12, 30, scale=3.0), tiny_gpt2(12, 31, scale=3.0)
+    count_s, count_t = CallCounter(student), CallCounter(teacher)
+    ids, attn = M.collate_prompts([[2, 3], [4, 5, 6]], pad_id=0)
+    roll = M.sample_rollouts(student, teacher, ids, attn, torch.tensor([99]), 0, 8, 0.5, max_chunk=max_chunk,
+                             coins=torch.tensor(coins).bool(), generator=torch.Generator().manual_seed(0))
+    assert roll["mask"].all() and roll["tokens"].shape == (2, 8)  # no EOS: 8 tokens each
+    assert count_s.calls == 8 and count_t.calls == calls  # the student: the prompt + 7 decode steps
+    assert (roll["teacher_logits"] < 0).all() and (roll["logp_teacher"] < 0).all()  # every position written
+
+
+def test_teacher_stops_when_every_row_has_ended():
+    """Rows ending at EOS at different times: the teacher's last pass covers up to the last live row's end."""
+    student = boost_eos(tiny_gpt2(12, 32, scale=3.0), 1, 2.0)
+    teacher = boost_eos(tiny_gpt2(12, 33, scale=3.0), 1, 2.0)
+    count_t = CallCounter(teacher)
+    ids, attn = M.collate_prompts([[2, 3]] * 6, pad_id=0)
+    roll = M.sample_rollouts(student, teacher, ids, attn, torch.tensor([1]), 0, 16, 0.0,
+                             generator=torch.Generator().manual_seed(2))
+    lengths = roll["mask"].sum(1)
+    assert roll["mask"].shape[1] == lengths.max() < 16 and len(set(lengths.tolist())) > 2  # ended apart, all before 16
+    assert count_t.calls == 1  # α = 0: one pass, after the last row ended
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -346,7 +445,7 @@ def test_samples_follow_the_mixture(alpha):
 
 def make_batch(student, teacher, prompts, n_new=5, seed=0):
     ids, attn = M.collate_prompts(prompts, pad_id=0)
-    roll = M.sample_rollouts(student, teacher, ids, attn, 1, 0, n_new, 0.2, generator=torch.Generator().manual_seed(seed))
+    roll = M.sample_rollouts(student, teacher, ids, attn, torch.tensor([1]), 0, n_new, 0.2, generator=torch.Generator().manual_seed(seed))
     roll.update(prompt_ids=ids, prompt_mask=attn)
     r = M.rewards(roll["logp_teacher"], roll["logp_student"], roll["mask"])
     roll["adv"] = M.long_term_returns(r, roll["mask"])
@@ -357,11 +456,11 @@ EOS_PROMPTS = [[3, 4], [5, 6, 7], [8], [9, 10, 11, 12]]
 
 
 def eos_batch():
-    """4 rollouts whose prompts differ in length (left padding) and whose responses end at EOS after 6, 1, 2 and 5
-    tokens (right padding), with paper-style advantages."""
+    """4 rollouts whose prompts differ in length (left padding) and whose responses end at EOS after 4, 6, 1 and 3
+    tokens (right padding; row 1 hits the 6-token limit), with paper-style advantages."""
     student, teacher = boost_eos(tiny_gpt2(30, 12, scale=5.0), 1, 2.0), boost_eos(tiny_gpt2(30, 13, scale=5.0), 1, 2.0)
-    mb = make_batch(student, teacher, EOS_PROMPTS, n_new=6, seed=2)
-    assert mb["mask"].sum(1).tolist() == [6, 1, 2, 5]
+    mb = make_batch(student, teacher, EOS_PROMPTS, n_new=6, seed=1)
+    assert mb["mask"].sum(1).tolist() == [4, 6, 1, 3]
     return student, teacher, mb
 
 
@@ -448,7 +547,7 @@ def test_tokenization_across_a_merge_at_the_boundary():
 
 @pytest.mark.parametrize("normalize", ["token", "sequence"])
 def test_gradient_accumulation_does_not_change_the_update(normalize):
-    """minillm_backward with micro-batches of 1 and of the whole batch (rows of 6, 1, 2, 5 tokens) gives the
+    """minillm_backward with micro-batches of 1 and of the whole batch (rows of 4, 6, 1, 3 tokens) gives the
     gradient of Σ loss / (the batch's 14 tokens, or its 4 sequences)."""
     student, _, mb = eos_batch()
     args = loss_args(clip_eps=0.2, normalize=normalize)
@@ -488,8 +587,8 @@ def test_teacher_runs_once_per_rollout_token(tmp_path, tok, monkeypatch):
     M.distill(student, teacher, tok, prompts, str(tmp_path / "d"), distill_args(tmp_path), torch.float32)
     assert len(bufs) == 1  # 2 steps × batch 2 = one collection of 4 rollouts, one epoch
     P, N = bufs[0]["prompt_ids"].shape[1], bufs[0]["tokens"].shape[1]
-    assert calls[0] == (4, P)  # the prompt, once
-    assert calls[1:] == [(4, 1)] * (N - 1)  # then one token at a time; the last token needs no forward
+    assert all(b == 4 for b, _ in calls) and calls[0][1] >= P  # the whole batch; the first call reads the prompt
+    assert sum(w for _, w in calls) == P + N - 1  # every prompt and response token once; the last needs no forward
     # teacher evaluations per response position: exactly one, none during the two optimizer steps
 
 
@@ -532,6 +631,58 @@ def test_teacher_logit_modes_train_alike(tmp_path, tok):
     assert len({r["len"] for r in rows}) > 1 and min(r["len"] for r in rows) < 6  # early EOS, collections differ
     assert torch.equal(keep, run("offload")[0])
     torch.testing.assert_close(run("recompute")[0], keep, atol=1e-5, rtol=0)
+
+
+def test_offload_copies_are_contiguous_and_exact(monkeypatch):
+    """--teacher-logits offload on a GPU (its branch forced on CPU tensors): every write of a chunk and every read of
+    a minibatch's rows is a copy between contiguous tensors of one dtype (a DMA, non-blocking), and the store ends
+    up holding what a plain slice assignment gives."""
+    monkeypatch.setattr(M, "offloaded", lambda *a: True)
+    logp = torch.randn(3, 4, 7).log_softmax(-1)
+    store, ref = torch.zeros(5, 6, 7, dtype=torch.float16), torch.zeros(5, 6, 7, dtype=torch.float16)
+    copies = []
+    orig = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda d, s, *a, **k: copies.append(
+        d.is_contiguous() and s.is_contiguous() and d.dtype == s.dtype) or orig(d, s, *a, **k))
+    M.store_write(store[1:4], 2, logp)  # rows 1..3 of the collection, positions 2..5
+    rows = torch.tensor([3, 1])
+    got = M.store_read(store, rows, 6, "cpu")
+    monkeypatch.undo()
+    ref[1:4, 2:6] = logp.half()
+    assert torch.equal(store, ref) and torch.equal(got, ref[rows])
+    assert copies == [True] * 5  # 3 rows written, 2 rows read: one contiguous copy each
+
+
+def test_pinned_store_is_exact_and_unpinned_with_its_last_view(monkeypatch):
+    """The offloaded store is page-locked at exactly its size (no power-of-two rounding) and unregistered only
+    when no tensor views it any more. cudart is faked: the CPU has none."""
+    calls = []
+
+    class FakeCudart:
+        cudaError = type("cudaError", (), {"success": 0})
+
+        def cudaHostRegister(self, ptr, size, flags):
+            calls.append(("register", ptr, size))
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            calls.append(("unregister", ptr))
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart())
+    store = M.pinned_zeros((3, 5, 7), torch.float16)
+    assert store.shape == (3, 5, 7) and store.dtype == torch.float16 and not store.any()
+    assert calls == [("register", store.data_ptr(), 3 * 5 * 7 * 2)]  # exact: 210 bytes, not 256
+    view = store[1:]
+    del store
+    import gc
+    gc.collect()
+    assert len(calls) == 1  # a view still reads it
+    view.fill_(1.0)
+    ptr = calls[0][1]
+    del view
+    gc.collect()
+    assert calls[1] == ("unregister", ptr)
 
 
 def test_pt_switches_change_training_through_the_cli(tmp_path, saved_models, capsys):
