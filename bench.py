@@ -557,7 +557,7 @@ def buffer_io(folder, device, rows=16, new=256):
     f = Path(folder) / "rollouts0.pt"
     sync(device)
     t0 = time.time()
-    M.save_rollouts(f, dict(buf=buf, queue=[[0, 1]], roll_stats={}, recent=[]), store)
+    M.save_rollouts(f, dict(buf=buf, queue=[[0, 1]], roll_stats={}), store)
     with open(f, "rb+") as h:
         os.fsync(h.fileno())
     t1 = time.time()

@@ -170,7 +170,7 @@ def test_the_buffer_view_into_the_teacher_store_comes_back_into_the_store(tmp_pa
     read back into the store, the other tensors and the queue as they were."""
     store = torch.randn(4, 6, 5)
     buf = {"teacher_logits": store[:3, :4], "tokens": torch.arange(12).view(3, 4), "w": torch.rand(3, 4)}
-    M.save_rollouts(tmp_path / "r.pt", dict(buf=buf, queue=[[2, 0], [1]], roll_stats={"rkl": 0.5}, recent=[]), store)
+    M.save_rollouts(tmp_path / "r.pt", dict(buf=buf, queue=[[2, 0], [1]], roll_stats={"rkl": 0.5}), store)
     expected = store.clone()
     store.zero_()
     rest = M.load_rollouts(tmp_path, "cpu", store) if (tmp_path / "r.pt").rename(tmp_path / "rollouts0.pt") else None
