@@ -628,7 +628,7 @@ def preemption(device, rollouts=16, batch=4, new=32, signal_after_step=5):
     return {"seconds_sigterm_to_saved": seconds[0], "seconds_sigterm_to_exit": seconds[1], "exit_status": status, "checkpoint_step": step, "steps_logged": logged,
             "steps_lost": logged - step, "stop_line": [line for line in text.splitlines() if "received" in line],
             "checkpoint_bytes": sum(size.values()), "rollout_buffer_bytes": size.get("rollouts0.pt"),
-            "teacher_store_bytes": rollouts * new * V * 4, "files_bytes": size, "rerun_resume_line": resumed,
+            "teacher_store_bytes": teacher_logits_bytes(rollouts, new, V, 4), "files_bytes": size, "rerun_resume_line": resumed,
             "rerun_seconds_sigterm_to_exit": seconds2[1], "rerun_exit_status": status2,
             "disk_write_bytes_per_s": bandwidth, "paper_buffer_bytes": buffer_paper,
             "paper_buffer_write_s_at_this_disk": buffer_paper / bandwidth, "buffer_save_load": io_,
@@ -715,7 +715,6 @@ def fsdp_memory(root):
     The same for loading alone (LOAD_SCRIPT: the student loaded and sharded, as a stage starts): the peak that every
     rank used to pay in host memory for the whole model, which decides whether a large model loads at all."""
     import subprocess
-    from pathlib import Path
     from transformers import LlamaConfig, LlamaForCausalLM
     from test_minillm import word_tokenizer as words  # noqa: PLC0415  (the tests' offline tokenizer)
     root = Path(root)
@@ -851,11 +850,12 @@ def head_precision(kind, d, vocab, rows=8, seed=0):
         (hh, hl), (wh, wl) = bf16_split(h), bf16_split(w)
         z["bf16 in, fp32 out (bf16x3 split)"].append((hh @ wh.T + hh @ wl.T + hl @ wh.T).float().double())
         bf = hh @ wh.T
-        z["bf16 in, fp32 out"].append(bf.float().double())
+        bf32, h_split = bf.float().double(), ((hh + hl) @ wh.T).float().double()  # each read by two options below
+        z["bf16 in, fp32 out"].append(bf32)
         z["bf16 out"].append(bf.float().bfloat16().double())
-        z["bf16 in, fp32 out, W stored in bf16"].append(bf.float().double())
-        z["h split in 2 bf16, W rounded to bf16"].append(((hh + hl) @ wh.T).float().double())
-        z["h split in 2 bf16, W stored in bf16"].append(((hh + hl) @ wh.T).float().double())
+        z["bf16 in, fp32 out, W stored in bf16"].append(bf32)
+        z["h split in 2 bf16, W rounded to bf16"].append(h_split)
+        z["h split in 2 bf16, W stored in bf16"].append(h_split)
     z = {k: torch.cat(v, dim=1) for k, v in z.items()}
     ref = torch.log_softmax(z["fp64"], -1)
     p = ref.exp()

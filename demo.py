@@ -166,7 +166,7 @@ def demo_eval(paths, teacher_path, test_file, args, dtype, seeds=(10, 20, 30)):
         for seed in seeds:
             gen = torch.Generator(device=args.device).manual_seed(seed)
             ids, attn = (x.to(args.device) for x in M.collate_prompts(prompts, tok.pad_token_id))
-            roll = M.sample_rollouts(model, teacher, ids, attn, torch.tensor(eos_ids, device=args.device), tok.pad_token_id,
+            roll = M.sample_rollouts(model, teacher, ids, attn, eos_ids, tok.pad_token_id,
                                      args.max_new_tokens, alpha=0.0, dtype=dtype, keep_teacher_logits=False, generator=gen)
             texts = [M.decode_response(tok, row, eos_ids)[0] for row in roll["tokens"].tolist()]
             scores.append(rouge_l(texts, [r["output"] for r in recs]))

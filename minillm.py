@@ -456,11 +456,14 @@ class FP32Head(torch.nn.Linear):
             return head_matmul(h, head_weight(self, w, low), low, bias)
 
 
-def fp32_head(model, vocab_size=None):
-    """Make the model's LM head an FP32Head returning the first `vocab_size` logits. The weights are untouched."""
+def fp32_head(model, vocab_size=None, name="the model"):
+    """Make the model's LM head an FP32Head returning the first `vocab_size` logits. The weights are untouched.
+    A head with fewer rows than the tokenizer has tokens cannot score every token: `name` is refused in one line."""
     head = model.get_output_embeddings()
     n = vocab_size or head.weight.shape[0]
-    assert n <= head.weight.shape[0], f"{n} tokens but only {head.weight.shape[0]} logits"
+    if n > head.weight.shape[0]:
+        die(f"{name} has {head.weight.shape[0]} logits but its tokenizer {n} tokens; resize its embeddings "
+            "(model.resize_token_embeddings) or use the tokenizer it was trained with")
     if type(head) not in (torch.nn.Linear, FP32Head):  # a subclass would lose its own forward
         die(f"{type(model).__name__}'s LM head is a {type(head).__name__}, not an nn.Linear: fp32_head cannot compute it")
     head.__class__, head.n_out = FP32Head, n
@@ -996,9 +999,10 @@ def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None
 def sample_model(model, prompt_ids, prompt_mask, eos_ids, pad_id, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
                  greedy=False, dtype=torch.float32, generator=None):
     """One model alone (evaluation, SeqKD's teacher data): -> (B, N) response tokens, pad_id after the first end id
-    (eos_ids: every one, a 1-D LongTensor; the end token itself kept). Our own loop rather than model.generate, so a checkpoint's generation_config.json
+    (eos_ids: every one, a list or a 1-D LongTensor; the end token itself kept). Our own loop rather than model.generate, so a checkpoint's generation_config.json
     (repetition penalty, minimum length, ...) can never slip in."""
     assert not model.training, "sampling runs in eval mode (no dropout)"
+    eos_ids = torch.as_tensor(eos_ids, device=prompt_ids.device).reshape(-1)  # every end id (1-D)
     cache = new_cache(model)
     attn, done, out = prompt_mask, torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device), []
     with autocast(prompt_ids.device, dtype):  # one region: the weights' bf16 copies are made once
@@ -1018,7 +1022,8 @@ def sample_model(model, prompt_ids, prompt_mask, eos_ids, pad_id, max_new_tokens
 def decode_response(tok, ids, eos_ids):
     """Token ids of one response -> (text, length): cut at the first end id (any of eos_ids, end_ids), special tokens
     skipped, stripped. length counts the tokens before the end."""
-    ends = [i for i, t in enumerate(ids) if t in set(eos_ids)]
+    eos_ids = set(eos_ids)
+    ends = [i for i, t in enumerate(ids) if t in eos_ids]
     ids = ids[:ends[0]] if ends else ids
     return tok.decode(ids, skip_special_tokens=True).strip(), len(ids)
 
@@ -1030,7 +1035,7 @@ def teacher_responses(model, tok, prompts, args, dtype, desc="seqkd: teacher sam
     texts, eos_ids = [], end_ids(tok, *model_configs(model))
     for i in __import__("tqdm").trange(0, len(prompts), args.gen_batch_size, desc=desc, dynamic_ncols=True):
         ids, attn = (x.to(args.device) for x in collate_prompts(prompts[i:i + args.gen_batch_size], tok.pad_token_id))
-        out = sample_model(model, ids, attn, torch.tensor(eos_ids, device=args.device), tok.pad_token_id,
+        out = sample_model(model, ids, attn, eos_ids, tok.pad_token_id,
                            args.max_new_tokens, args.temperature, args.top_p, args.top_k, dtype=dtype)
         texts += [decode_response(tok, row, eos_ids)[0] for row in out.tolist()]
     return texts
@@ -1307,9 +1312,9 @@ def warn_slow_stages(args, train):
     stages = {"minillm": [teacher_sft, student_sft, minillm], "sft": [student_sft], "kd": [teacher_sft, kd],
               "seqkd": [teacher_sft, seqkd]}[args.method]
     flops = cpu_flops()
-    for stage, names, size, work in stages:
+    for stage, who, size, work in stages:
         if size > SLOW_CPU_PARAMS and not skipped.get(stage) and not is_done(Path(args.out) / stage):
-            print(f"warning: {stage} trains on the CPU with {names} ({size / 1e9:.2f} B parameters): ≈ {work:.1e} FLOPs, "
+            print(f"warning: {stage} trains on the CPU with {who} ({size / 1e9:.2f} B parameters): ≈ {work:.1e} FLOPs, "
                   f"about {duration(work / flops)} at this CPU's {flops / 1e9:.0f} GFLOP/s; use a GPU (--device cuda) or "
                   "smaller models (python demo.py runs the whole method on a CPU in minutes)", flush=True)
 
@@ -1655,11 +1660,12 @@ def rollout_diagnostics(tokens, mask, eos_ids, top1=None, n=4):
     rows; no_eos = rows that end without EOS (they hit --max-new-tokens); grams = n-grams inside responses (EOS
     excluded), repeated = those equal to an earlier n-gram of the same response; distinct = distinct responses;
     agree = positions where the student's and the teacher's argmax agree (top1: (B, N) 0/1, masked)."""
-    ended = (torch.isin(tokens, torch.tensor(list(eos_ids), device=tokens.device)) & mask.bool()).any(1)  # (B,)
+    eos_ids = set(eos_ids)
+    ended = (torch.isin(tokens, torch.tensor(sorted(eos_ids), device=tokens.device)) & mask.bool()).any(1)  # (B,)
     responses = responses_of(tokens, mask)
     grams = repeated = 0
     for ids in responses:
-        ids = [t for t in ids if t not in set(eos_ids)]
+        ids = [t for t in ids if t not in eos_ids]
         seen = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
         grams, repeated = grams + len(seen), repeated + len(seen) - len(set(seen))
     return {"rows": tokens.shape[0], "no_eos": int((~ended).sum()), "grams": grams, "repeated": repeated,
@@ -1953,10 +1959,7 @@ def load_model(name, device, dtype=torch.float32, trust_remote_code=False, vocab
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         cannot_load(name, e)
-    if vocab_size and vocab_size > n_logits(model):
-        die(f"{name} has {n_logits(model)} logits but its tokenizer {vocab_size} tokens; resize its embeddings "
-            "(model.resize_token_embeddings) or use the tokenizer it was trained with")
-    return fp32_head(model, vocab_size).to(device)
+    return fp32_head(model, vocab_size, name).to(device)
 
 
 def load_trained(resume, init, args, vocab_size=None):
@@ -1995,14 +1998,11 @@ def load_sharded(name, args, dtype, param_dtype, vocab_size=None, frozen=False, 
     config = load_config(name, args.trust_remote_code)
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=param_dtype, trust_remote_code=args.trust_remote_code)
-    if vocab_size and vocab_size > n_logits(model):
-        die(f"{name} has {n_logits(model)} logits but its tokenizer {vocab_size} tokens; resize its embeddings "
-            "(model.resize_token_embeddings) or use the tokenizer it was trained with")
     try:  # as from_pretrained does: the checkpoint's generation settings, saved again with the model
         model.generation_config = GenerationConfig.from_pretrained(name)
     except OSError:
         pass
-    fp32_head(model, vocab_size).eval().requires_grad_(not frozen)
+    fp32_head(model, vocab_size, name).eval().requires_grad_(not frozen)
     buffers = {k: b.clone() for k, b in model.named_buffers()}  # computed from the config (rotary inv_freq): in no checkpoint
     shard(model, args.device, dtype, frozen)
     model.to_empty(device=args.device)  # this rank's shards, uninitialised
