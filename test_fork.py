@@ -160,7 +160,7 @@ def test_sample_model_casts_the_head_once_per_loop(frozen):
     with CountHeadCasts((V - 2, 16)) as count:
         out = M.sample_model(model, ids, torch.ones_like(ids), eos_ids=torch.tensor([V + 5]), pad_id=0, max_new_tokens=6,
                              dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
-    assert out.shape[1] == 6 and count.n <= 1
+    assert out.shape[1] == 6 and count.n == 1  # counted at all (the op is seen), and once per loop
 
 
 def test_sample_rollouts_casts_each_head_once_per_loop():
@@ -174,7 +174,7 @@ def test_sample_rollouts_casts_each_head_once_per_loop():
                                      dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
         assert roll["tokens"].shape[1] == n
         counts.append(count.n)
-    assert counts[0] == counts[1] <= 4  # per loop, not per token: the teacher once, the student's split once (3 on the CPU)
+    assert 1 <= counts[0] == counts[1] <= 4  # per loop, not per token: the teacher once, the student's split once (4 on the CPU)
 
 
 def test_evaluated_models_are_frozen():

@@ -38,11 +38,19 @@ def two_nodes(args, out, cwd):
     system). Returns both launchers' (exit code, stdout, stderr)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     port, logs = free_port(), [(Path(cwd) / f"node{n}.out", Path(cwd) / f"node{n}.err") for n in range(2)]
+    streams = [(open(o, "w"), open(e, "w")) for o, e in logs]
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={n}",
                                "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}",
                                "--rdzv-id=minillm", str(HERE / "minillm.py"), *args, "--out", str(out)],
-                              cwd=cwd, env=env, stdout=open(o, "w"), stderr=open(e, "w")) for n, (o, e) in enumerate(logs)]
-    return [(p.wait(timeout=300), o.read_text(), e.read_text()) for p, (o, e) in zip(nodes, logs)]
+                              cwd=cwd, env=env, stdout=o, stderr=e) for n, (o, e) in enumerate(streams)]
+    try:
+        codes = [p.wait(timeout=300) for p in nodes]
+    finally:  # a hung node must not outlive the test
+        for p in nodes:
+            p.kill() if p.poll() is None else None
+        for o, e in streams:
+            o.close(), e.close()
+    return [(code, o.read_text(), e.read_text()) for code, (o, e) in zip(codes, logs)]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ collection). Slowest: the two-rank test (~10 s when the machine is idle).
 """
 
 import errno
-import json
 import multiprocessing
 import os
 import random
@@ -170,10 +169,10 @@ def test_the_buffer_view_into_the_teacher_store_comes_back_into_the_store(tmp_pa
     read back into the store, the other tensors and the queue as they were."""
     store = torch.randn(4, 6, 5)
     buf = {"teacher_logits": store[:3, :4], "tokens": torch.arange(12).view(3, 4), "w": torch.rand(3, 4)}
-    M.save_rollouts(tmp_path / "r.pt", dict(buf=buf, queue=[[2, 0], [1]], roll_stats={"rkl": 0.5}), store)
+    M.save_rollouts(tmp_path / "rollouts0.pt", dict(buf=buf, queue=[[2, 0], [1]], roll_stats={"rkl": 0.5}), store)
     expected = store.clone()
     store.zero_()
-    rest = M.load_rollouts(tmp_path, "cpu", store) if (tmp_path / "r.pt").rename(tmp_path / "rollouts0.pt") else None
+    rest = M.load_rollouts(tmp_path, "cpu", store)
     assert torch.equal(store[:3, :4], expected[:3, :4])
     t = rest["buf"]["teacher_logits"]
     assert t.untyped_storage().data_ptr() == store.untyped_storage().data_ptr() and torch.equal(t, expected[:3, :4])
@@ -222,6 +221,7 @@ def test_sigkill_at_any_instant_and_inside_a_checkpoint_write_resumes_bitwise(re
     assert M.checkpoint_step(M.find_checkpoint(ckpt)) == 2  # the previous one, intact
     # then SIGKILL at a random instant of a rerun (which resumes from step 2)
     at = random.uniform(0.0, SECONDS["reference"])  # in loading, sampling, a step or a write: all must resume
+    print(f"SIGKILL at {at:.3f} s of a {SECONDS['reference']:.3f} s run")  # shown if the test fails: the instant to retry
     p = killable(argv, tmp_path / "log2")
     time.sleep(at)
     p.kill()
