@@ -154,6 +154,10 @@ def build_parser():
     g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 on a GPU that computes it natively (compute capability 8.0+: A100, H100, RTX 30xx), "
                         "else fp32 (T4 and V100 only emulate bf16, slower than fp32); the first log line says which")
+    g.add_argument("--decode", choices=DECODE_MODES, default="auto",
+                   help="how rollouts run both models' forwards, the same numbers each way: eager (a growing KV cache), "
+                        "static (preallocated caches, fixed shapes), graph (static, replayed from CUDA graphs); "
+                        "auto: graph on CUDA, eager on the CPU (docs/sampling.md)")
     g.add_argument("--seed", type=int, default=42, help="sets every RNG (offset by rank)")
     g.add_argument("--log-interval", type=int, default=1, help="print a step line every N steps (log.jsonl has every step)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
@@ -214,6 +218,8 @@ def check_args(args):
     if not 0.0 < args.top_p <= 1.0:
         die(f"--top-p must be in (0, 1], got {args.top_p}")
     check_device(args.device)
+    if args.decode == "graph" and torch.device(args.device).type != "cuda":
+        die(f"--decode graph replays CUDA graphs and needs a CUDA device, not {args.device}; use --decode static")
     args.report_to = check_report_to(args.report_to)
     if (args.fsdp_teacher or args.fsdp_sample_sharded) and not args.fsdp:
         die("--fsdp-teacher and --fsdp-sample-sharded need --fsdp")
@@ -483,8 +489,7 @@ def forward(model, input_ids, attention_mask, cache=None, logits_to_keep=0):
     elsewhere (with V = 50k it costs more than a small model's blocks, and its (B, L, V) output is the largest tensor)."""
     kw = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
     if cache is not None:
-        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        kw.update({name: cache, "use_cache": True})
+        kw.update({cache_argument(model): cache, "use_cache": True})
     else:
         kw["use_cache"] = False
     pos = position_ids_from(attention_mask)[:, -input_ids.shape[1]:]
@@ -497,11 +502,13 @@ def forward(model, input_ids, attention_mask, cache=None, logits_to_keep=0):
 # on these rollouts. The student decodes token by token; the teacher runs only where a token is drawn from it.
 
 PENDING_BYTES = 2 ** 30  # student log-probs (fp32) waiting for the teacher's catch-up, at most
+CHECK_EVERY = 8  # static and graph decoding: tokens between two checks that every row has ended
 
 @torch.no_grad()
 def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_ids, pad_id, max_new_tokens, alpha=0.2,
                     temperature=1.0, top_p=1.0, top_k=0, dtype=torch.float32, keep_teacher_logits=True,
-                    logits_device=None, generator=None, teacher_out=None, coins=None, max_chunk=None):
+                    logits_device=None, generator=None, teacher_out=None, coins=None, max_chunk=None, decode="eager",
+                    width=None):
     """Sample responses from p~ = α·p + (1-α)·q_θ. Returns a dict of (B, N) tensors:
 
     tokens, mask (first end token included), logp_student / logp_teacher (at τ = 1: the distributions being
@@ -524,6 +531,9 @@ def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_ids, pad_id, 
     without a coin is pure computation and changes no draw.
     Tempered or filtered mixtures (τ ≠ 1, top-k, top-p) filter α·p + (1-α)·q_θ as a whole, which is no coin
     flip: there the teacher runs at every position, as a per-token sampler (`coins` is ignored).
+    decode: how both models run their forwards (Decoder: eager, static or graph; the same numbers). Eager checks at
+    every token whether every row has ended; static and graph every CHECK_EVERY tokens, since the check waits for
+    the device, and drop the columns decoded after the last end.
     """
     assert not student.training and not teacher.training, "sampling runs both models in eval mode (no dropout)"
     B, N, device = prompt_ids.shape[0], max_new_tokens, prompt_ids.device
@@ -534,8 +544,9 @@ def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_ids, pad_id, 
     elif coins is None:
         coins = torch.rand(N, generator=generator, device=generator.device if generator else device) < alpha
     coins = [bool(c) for c in coins]
-    cache_s, cache_t = new_cache(student), new_cache(teacher)
-    attn = prompt_mask
+    dec_s = decoder(student, prompt_ids, prompt_mask, N, decode, width)  # KV caches and forwards (plumbing)
+    dec_t = decoder(teacher, prompt_ids, prompt_mask, N, decode, width)
+    check = 1 if dec_s.mode == dec_t.mode == "eager" else CHECK_EVERY
     done = torch.zeros(B, dtype=torch.bool, device=device)
     rec = {k: [] for k in ["tokens", "mask", "logp_student", "logp_teacher", "logp_mix", "kl", "top1"]}
     ys, pending, argmax_s, start = [], [], [], 0  # pending: log q_θ (B, V) at positions start.. the teacher has not reached
@@ -555,7 +566,7 @@ def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_ids, pad_id, 
     # One autocast region for the whole loop: autocast caches the bf16 copies of the student's fp32 weights for
     # as long as the region lasts, so they are cast once per rollout batch, not once per token.
     with autocast(device, dtype):  # the prompt's last position only: the LM head over the prompt is wasted work
-        zs = forward(student, prompt_ids, prompt_mask, cache_s, logits_to_keep=1)[:, -1].float()  # (B, V)
+        zs = dec_s(None, keep=1)[:, -1]  # (B, V)
         V = zs.shape[-1]
         if keep_teacher_logits and teacher_out is None:
             teacher_out = torch.empty(B, N, V, dtype=store_dtype(dtype), device=logits_device or device)
@@ -566,7 +577,7 @@ def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_ids, pad_id, 
             argmax_s.append(zs.argmax(-1))
             logp = None
             if coins[t] or len(pending) == max_chunk:  # the teacher catches up: log p at positions start..t
-                logp_chunk = teacher_chunk(teacher, cache_t, prompt_ids, prompt_mask, ys, start, t)
+                logp_chunk = teacher_chunk(dec_t, ys, start, t)
                 logp = logp_chunk[:, -1]  # (B, V): the distribution of y_t
             if not plain:
                 q_tau, p_tau = torch.softmax(zs / temperature, -1), torch.softmax(logp / temperature, -1)
@@ -583,16 +594,18 @@ def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_ids, pad_id, 
             if logp is not None:
                 start = settle(logp_chunk)
             done = done | torch.isin(y, eos_ids)
-            if all_done(done, student, teacher) or t == N - 1:  # under FSDP: every rank's rollouts
+            if t == N - 1 or (t + 1) % check == 0 and all_done(done, student, teacher):  # FSDP: every rank's rollouts
                 break  # the last token needs no forward: nobody conditions on it
-            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-            zs = forward(student, y[:, None], attn, cache_s)[:, -1].float()
+            zs = dec_s(y[:, None], keep=1)[:, -1]
         if pending:  # positions after the last teacher call: one pass over them
-            settle(teacher_chunk(teacher, cache_t, prompt_ids, prompt_mask, ys, start, len(ys) - 1))
+            settle(teacher_chunk(dec_t, ys, start, len(ys) - 1))
     out = {k: torch.stack(v, dim=1) for k, v in rec.items() if k not in ("logp_teacher", "kl", "top1", "logp_mix")}
     out.update({k: torch.cat(rec[k], dim=1) for k in ("logp_teacher", "kl", "top1")})
     out["logp_mix"] = mixture_logprobs(out["logp_student"], out["logp_teacher"], alpha) if plain else \
         torch.stack(rec["logp_mix"], dim=1)
+    if check > 1:  # columns decoded after every row had ended: none in an eager run
+        n = int(out["mask"].any(0).nonzero().max()) + 1
+        out = {k: v[:, :n] for k, v in out.items()}
     m = out["mask"]
     for k in ["logp_student", "logp_teacher", "logp_mix", "kl", "top1"]:
         out[k] = out[k] * m
@@ -604,15 +617,12 @@ def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_ids, pad_id, 
     return out
 
 
-def teacher_chunk(teacher, cache, prompt_ids, prompt_mask, ys, start, t):
+def teacher_chunk(teacher, ys, start, t):
     """log p(·|y_<j) at response positions j = start..t, (B, t-start+1, V) fp32, by one cached forward over the
-    tokens the teacher has not seen: y_{start-1} .. y_{t-1} (on its first call, start = 0: the prompt and y_0 .. y_{t-1})."""
-    B = prompt_ids.shape[0]
-    attn = torch.cat([prompt_mask, prompt_mask.new_ones(B, t)], dim=1)  # prompt + y_0 .. y_{t-1}
-    new = [prompt_ids] if start == 0 else []
-    new += [torch.stack(ys[max(start - 1, 0):t], 1)] if t > 0 else []
-    logits = forward(teacher, torch.cat(new, 1), attn, cache, logits_to_keep=t - start + 1)
-    return torch.log_softmax(logits.float(), -1)
+    tokens the teacher has not seen: y_{start-1} .. y_{t-1} (on its first call, start = 0: the prompt, which the
+    decoder puts first, and y_0 .. y_{t-1}). teacher: the teacher's Decoder."""
+    new = torch.stack(ys[max(start - 1, 0):t], 1) if t > 0 else None
+    return torch.log_softmax(teacher(new, keep=t - start + 1), -1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -818,16 +828,18 @@ def collect_rollouts(student, teacher, prompts, args, eos_ids, pad_id, dtype, ge
         store = teacher_store(args, len(prompts), n_logits(teacher), dtype)
     coin_gen = torch.Generator().manual_seed(args.seed if coin_seed is None else coin_seed)  # on the CPU: any device agrees
     chunks, eos_tensor = [], torch.tensor(sorted(eos_ids), device=args.device)
+    width = max(len(p) for p in prompts)  # graph decoding: every batch in the same slots, replaying the same graphs
     for i in range(0, len(prompts), args.gen_batch_size):
         ids, attn = (x.to(args.device) for x in collate_prompts(prompts[i:i + args.gen_batch_size], pad_id))
         coins = torch.rand(args.max_new_tokens, generator=coin_gen) < args.alpha  # c_t = 1: y_t is drawn from p
         roll = sample_rollouts(student, teacher, ids, attn, eos_tensor, pad_id, args.max_new_tokens, args.alpha,
                                args.temperature, args.top_p, args.top_k, dtype, keep_teacher_logits=store is not None,
                                generator=generator, teacher_out=None if store is None else store[i:i + len(ids)],
-                               coins=coins)
+                               coins=coins, decode=decode_mode(args.decode, args.device), width=width)
         roll.pop("teacher_logits", None)  # already in `store`
         roll["prompt_ids"], roll["prompt_mask"] = ids, attn
         chunks.append(roll)
+    release_decoders()  # the caches and graphs: the training steps until the next collection need that memory
     buf = concat_rollouts(chunks, pad_id)
     if store is not None:  # a view; columns past a chunk's length hold finite leftovers, masked like all padding
         buf["teacher_logits"] = store[:len(prompts), :buf["mask"].shape[1]]
@@ -997,16 +1009,16 @@ def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None
 
 @torch.no_grad()
 def sample_model(model, prompt_ids, prompt_mask, eos_ids, pad_id, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-                 greedy=False, dtype=torch.float32, generator=None):
+                 greedy=False, dtype=torch.float32, generator=None, decode="eager"):
     """One model alone (evaluation, SeqKD's teacher data): -> (B, N) response tokens, pad_id after the first end id
     (eos_ids: every one, a list or a 1-D LongTensor; the end token itself kept). Our own loop rather than model.generate, so a checkpoint's generation_config.json
     (repetition penalty, minimum length, ...) can never slip in."""
     assert not model.training, "sampling runs in eval mode (no dropout)"
     eos_ids = torch.as_tensor(eos_ids, device=prompt_ids.device).reshape(-1)  # every end id (1-D)
-    cache = new_cache(model)
-    attn, done, out = prompt_mask, torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device), []
+    dec = decoder(model, prompt_ids, prompt_mask, max_new_tokens, decode)
+    done, out = torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device), []
     with autocast(prompt_ids.device, dtype):  # one region: the weights' bf16 copies are made once
-        z = forward(model, prompt_ids, prompt_mask, cache, logits_to_keep=1)[:, -1].float()  # (B, V)
+        z = dec(None, keep=1)[:, -1]  # (B, V)
         for t in range(max_new_tokens):
             y = z.argmax(-1) if greedy else draw(filter_probs(torch.softmax(z / temperature, -1), top_k, top_p), generator)
             y = torch.where(done, torch.full_like(y, pad_id), y)
@@ -1014,8 +1026,7 @@ def sample_model(model, prompt_ids, prompt_mask, eos_ids, pad_id, max_new_tokens
             done = done | torch.isin(y, eos_ids)
             if done.all() or t == max_new_tokens - 1:
                 break  # no forward for the last token: nothing conditions on it
-            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-            z = forward(model, y[:, None], attn, cache)[:, -1].float()
+            z = dec(y[:, None], keep=1)[:, -1]
     return torch.stack(out, dim=1)
 
 
@@ -1538,6 +1549,224 @@ def new_cache(model):
         return DynamicCache(config=model.config)
     except TypeError:  # an older transformers without config=
         return DynamicCache()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decoders: one model's KV cache over one batch of rollouts, and its forwards (--decode). The samplers see one
+# call, dec(new_ids, keep) -> fp32 logits of the last `keep` positions; three ways compute the same numbers:
+#   eager   transformers' DynamicCache, grown by concatenation at every forward; the model builds its own masks.
+#   static  a cache preallocated at (B, slots) and written in place at a position held on the device, with our own
+#           4-D mask and position ids: every forward of a given length has the same shapes and the same addresses,
+#           and nothing in it reads a tensor's value on the host (no synchronisation).
+#   graph   static, each forward length captured once as a CUDA graph and replayed: one launch instead of
+#           hundreds per forward (decoding a small model is bound by kernel launches, not by the GPU).
+# A slot is a position of the sequence (the left-padded prompt, then the response); a row's attention reaches the
+# real slots at or before its own; position ids count real tokens only, as position_ids_from. A forward of L new
+# tokens (L <= 64, after the prompt) runs padded to the next bucket length, so that a few graphs serve every
+# catch-up; the padding's slots lie past the real ones and are overwritten before any query can see them.
+
+DECODE_MODES = ("auto", "eager", "static", "graph")
+BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # graph mode: forward lengths with a graph of their own (longer: static, unreplayed)
+_decoders = {}  # graph mode: (model, mode, B, slots) -> Decoder, kept for a collection (release_decoders)
+
+
+def decode_mode(requested, device):
+    """--decode auto: graph on CUDA, eager elsewhere (a CPU gains nothing from fixed shapes)."""
+    if requested != "auto":
+        return requested
+    return "graph" if torch.device(device).type == "cuda" else "eager"
+
+
+def static_unsupported(model, length, mode):
+    """Why `model` cannot decode `length` positions (prompt + response) from a static cache (None: it can). Our 4-D mask is what
+    transformers' eager and sdpa attention take; a sliding window shorter than the sequence would need its own
+    mask; a sharded model's forward is a collective."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    impl = getattr(cfg, "_attn_implementation", None) or "eager"
+    if impl not in ("eager", "sdpa"):
+        return f"its attention is {impl} (static decoding builds the 4-D masks that eager and sdpa take)"
+    kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    if not kinds <= {"full_attention", "sliding_attention"}:
+        return f"its layers are {sorted(kinds)} (static decoding caches attention layers only)"
+    window = getattr(cfg, "sliding_window", None)
+    slides = "sliding_attention" in kinds or (getattr(cfg, "layer_types", None) is None and getattr(cfg, "use_sliding_window", True))
+    if window and slides and window < length:  # a longer window sees every position: our mask is its mask
+        return f"its sliding window ({window}) is shorter than the {length} positions decoded"
+    if is_fsdp(model):
+        return "it is sharded (--fsdp)"
+    if mode == "graph" and next(model.parameters()).device.type != "cuda":
+        return "CUDA graphs need a CUDA device"
+    return None
+
+
+def decoder(model, prompt_ids, prompt_mask, max_new_tokens, mode="eager", width=None):
+    """A Decoder for this batch. width: the prompt is left-padded to this many slots (graph mode: the collection's
+    longest prompt, so that every batch of a collection replays the same graphs). A model that cannot decode
+    statically decodes eagerly, and says why once."""
+    model = unwrap(model)
+    width = max(width or 0, prompt_ids.shape[1])
+    slots = width + max_new_tokens + BUCKETS[-1] - 1  # a forward padded to its bucket writes past the last token
+    why = static_unsupported(model, width + max_new_tokens, mode) if mode != "eager" else None
+    if why:
+        if (id(model), why) not in _warned:
+            _warned.add((id(model), why))
+            print(f"--decode {mode}: {type(model).__name__} decodes eagerly: {why}", file=sys.stderr)
+        mode = "eager"
+    if mode != "graph":
+        return Decoder(model, prompt_ids, prompt_mask, slots, mode, width)
+    key = (id(model), prompt_ids.shape[0], slots)
+    if key not in _decoders:
+        _decoders[key] = Decoder(model, prompt_ids, prompt_mask, slots, mode, width)
+    return _decoders[key].start(prompt_ids, prompt_mask)
+
+
+_warned = set()
+
+
+def release_decoders():
+    """Free graph mode's caches and graphs (collect_rollouts: at the end of each collection, so that the training
+    steps in between have that memory)."""
+    _decoders.clear()
+
+
+class Decoder:
+    """See the section comment. A decoder is filled by calls dec(new_ids, keep): the first call runs the prompt
+    followed by new_ids (None: the prompt alone); each returns the fp32 logits (B, keep, V) at the last `keep`
+    positions it ran."""
+
+    def __init__(self, model, prompt_ids, prompt_mask, slots, mode, width):
+        self.model, self.mode, self.slots, self.width = model, mode, slots, width
+        self.graphs, self.pool = {}, None
+        B, device = prompt_ids.shape[0], prompt_ids.device
+        if mode == "eager":
+            self.attn = torch.cat([prompt_mask, prompt_mask.new_ones(B, slots - prompt_mask.shape[1])], 1)  # once
+            self.cache, self.n, self.prompt = new_cache(model), 0, prompt_ids
+            return
+        self.pos = torch.zeros((), dtype=torch.long, device=device)  # slots filled: where the next token goes
+        self.slot = torch.arange(slots, device=device)
+        self.attn = torch.zeros(B, slots, dtype=torch.bool, device=device)
+        self.positions = torch.zeros(B, slots, dtype=torch.long, device=device)
+        self.ids = torch.zeros(B, BUCKETS[-1], dtype=torch.long, device=device)  # graph inputs, padded to their length
+        self.cache = slot_cache(model, self.pos, slots)
+        impl = getattr(model.config, "_attn_implementation", None) or "eager"
+        self.additive = None if impl == "sdpa" else model.get_input_embeddings().weight.dtype  # eager adds its mask
+        self.start(prompt_ids, prompt_mask)
+
+    def start(self, prompt_ids, prompt_mask):
+        """A new batch in the same slots (graph mode reuses the cache, the buffers and the graphs)."""
+        P, pad = prompt_ids.shape[1], self.width - prompt_ids.shape[1]
+        self.prompt = torch.cat([prompt_ids.new_zeros(prompt_ids.shape[0], pad), prompt_ids], 1)  # left-padded to width
+        self.pos.zero_()
+        self.attn.copy_(torch.cat([prompt_mask.new_zeros(prompt_mask.shape[0], pad), prompt_mask,
+                                   prompt_mask.new_ones(prompt_mask.shape[0], self.slots - P - pad)], 1).bool())
+        self.positions.copy_(position_ids_from(self.attn.long()))
+        self.filled = 0  # the same count as self.pos, on the host: the next forward knows its slots without a sync
+        return self
+
+    def __call__(self, new_ids, keep):
+        first = (self.n if self.mode == "eager" else self.filled) == 0
+        ids = new_ids if not first else self.prompt if new_ids is None else torch.cat([self.prompt, new_ids], 1)
+        L = ids.shape[1]
+        if self.mode == "eager":
+            logits = forward(self.model, ids, self.attn[:, :self.n + L], self.cache, logits_to_keep=keep)
+            self.n += L
+            return logits.float()
+        if first or L > BUCKETS[-1]:  # the prompt, or a long catch-up: once per batch at most, shapes vary
+            logits = self.run(ids, keep)
+        else:  # padded to its bucket: static runs exactly what graph replays
+            n = next(b for b in BUCKETS if b >= L)
+            self.ids[:, :L].copy_(ids)
+            logits = (self.replay(n) if self.mode == "graph" else self.run(self.ids[:, :n]))[:, L - keep:L]
+        self.pos += L
+        self.filled += L
+        return logits
+
+    def run(self, ids, keep=0):
+        """The static forward over ids (B, L) at slots pos..pos+L-1, reading pos on the device only."""
+        L = ids.shape[1]
+        q = self.pos + self.slot[:L]  # (L,) the slots of the new tokens
+        see = (self.attn[:, None, :] & (self.slot <= q[:, None])) | (self.slot == q[:, None])  # (B, L, slots)
+        # (a pad slot sees itself: a row of -inf would give NaN keys that even a masked product carries forward)
+        mask = see[:, None] if self.additive is None else \
+            torch.zeros(see[:, None].shape, dtype=self.additive, device=see.device).masked_fill(~see[:, None], torch.finfo(self.additive).min)
+        kw = {cache_argument(self.model): self.cache, "use_cache": True}
+        if keep:
+            kw["logits_to_keep"] = keep
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=self.positions.index_select(1, q), **kw)
+        return out.logits.float()
+
+    def replay(self, n):
+        """Graph mode: run(self.ids[:, :n]) replayed from its graph, captured on first use."""
+        if n not in self.graphs:
+            self.graphs[n] = self.capture(n)
+        graph, out = self.graphs[n]
+        graph.replay()
+        return out
+
+    def capture(self, n):
+        """Capture run(ids[:, :n]) as a CUDA graph. Warm-up runs first, on a side stream as PyTorch's recipe asks;
+        they write their keys and values past the filled slots, which the real forwards overwrite. Weight casts
+        (autocast's bf16 copies, the LM head's split) happen inside the graph: a cast cached outside it would be
+        freed at the end of its autocast region while the graph still read it."""
+        global _head_casts
+        ids, saved = self.ids[:, :n], _head_casts
+        _head_casts = None
+        amp = torch.is_autocast_enabled("cuda")
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        self.run(ids)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                self.pool = self.pool or torch.cuda.graph_pool_handle()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    out = self.run(ids)
+        finally:
+            _head_casts = saved
+        return graph, out
+
+
+def cache_argument(model):
+    """transformers renamed the forward's `past_key_values` to `cache` in 5.2x: the name this model takes
+    (looked up once per model class, not at every forward)."""
+    cls = type(model)
+    if cls not in _cache_argument:
+        _cache_argument[cls] = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return _cache_argument[cls]
+
+
+_cache_argument = {}
+
+
+def slot_cache(model, pos, slots):
+    """transformers' static cache with one change: every layer writes the new keys and values at slots pos.. given
+    by our device tensor `pos` (transformers' StaticLayer keeps a write position of its own, which a padded graph
+    forward would move too far). Allocated at the first forward, (B, heads, slots, head_dim) per layer."""
+    from transformers.cache_utils import Cache, StaticLayer
+
+    class SlotLayer(StaticLayer):
+        def lazy_initialization(self, k, v):
+            self.device, self.dtype = k.device, k.dtype
+            self.keys = k.new_zeros(k.shape[0], k.shape[1], slots, k.shape[-1])
+            self.values = v.new_zeros(v.shape[0], v.shape[1], slots, v.shape[-1])
+            self.is_initialized = True
+
+        def update(self, k, v, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(k, v)
+            at = pos + torch.arange(k.shape[-2], device=pos.device)
+            self.keys.index_copy_(2, at, k)
+            self.values.index_copy_(2, at, v)
+            return self.keys, self.values
+
+        def get_seq_length(self):
+            return pos
+
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return Cache(layers=[SlotLayer(max_cache_len=slots) for _ in range(cfg.num_hidden_layers)])
 
 
 def store_dtype(dtype):

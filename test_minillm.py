@@ -275,23 +275,25 @@ def test_whiten():
 # ---------------------------------------------------------------------------------------------------
 # 3. Teacher-mixed sampling.
 
+@pytest.mark.parametrize("decode", ["eager", "static"])
 @pytest.mark.parametrize("alpha,coins,max_chunk,top_k", [
     (0.5, None, None, 0),  # coins drawn inside: the teacher catches up in chunks of varying length
     (0.0, None, None, 0),  # one teacher pass over the finished responses, prompt included
     (1.0, None, None, 0),  # the teacher at every position
     (0.5, [0, 0, 1, 0, 0, 0, 0, 1], 2, 0),  # catch-ups forced by max_chunk between the coins
     (0.5, None, None, 3)])  # top-k over the mixture: the per-token path
-def test_recorded_logprobs_equal_a_fresh_forward(alpha, coins, max_chunk, top_k):
+def test_recorded_logprobs_equal_a_fresh_forward(alpha, coins, max_chunk, top_k, decode):
     """KV-cached, left-padded sampling records the log-probs and teacher logits of a plain forward of each row
     alone: model(input_ids=prompt + response), no padding, default positions, however the teacher's calls are
-    chunked. Rows end at EOS at different steps."""
+    chunked, with a growing cache or a static one (padded forwards, our own masks). Rows end at EOS at different
+    steps."""
     student = boost_eos(tiny_gpt2(40, 3, scale=5.0), 1, 2.0)
     teacher = boost_eos(tiny_gpt2(40, 4, n_layer=3, scale=5.0), 1, 2.0)
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
     ids, attn = M.collate_prompts(prompts, pad_id=0)
     roll = M.sample_rollouts(student, teacher, ids, attn, eos_ids=torch.tensor([1]), pad_id=0, max_new_tokens=8, alpha=alpha,
                              top_k=top_k, generator=torch.Generator().manual_seed(4), max_chunk=max_chunk,
-                             coins=None if coins is None else torch.tensor(coins, dtype=torch.bool))
+                             coins=None if coins is None else torch.tensor(coins, dtype=torch.bool), decode=decode)
     lengths = roll["mask"].sum(1).long().tolist()
     assert max(lengths) == 8 and min(lengths) < 8  # rows end at EOS at different steps
     for i, (p, n) in enumerate(zip(prompts, lengths)):

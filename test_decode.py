@@ -1,0 +1,113 @@
+"""--decode: the static-cache decoder computes what the growing cache computes. Static decoding is the path that a
+GPU replays from CUDA graphs (graph mode runs the very same padded forwards, captured once), so these CPU tests
+prove its numbers; only the capture and replay themselves need a GPU (gpu_check.py runs them)."""
+
+import os
+
+import pytest
+import torch
+
+import minillm as M
+from test_families import family
+from test_minillm import boost_eos, tiny_gpt2
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+KEYS = ["tokens", "mask", "logp_student", "logp_teacher", "logp_mix", "w", "kl", "top1", "teacher_logits"]
+
+
+def pair(name, window=64):
+    """A tiny teacher and student of `name`'s architecture, fp32 heads, flat enough and EOS (id 3) likely enough
+    that rows end at different steps. Gemma 2's sliding window is set to `window`."""
+    models = []
+    for seed in (1, 2):
+        m = family(name, 300, seed)
+        with torch.no_grad():
+            m.get_output_embeddings().weight.div_(10.0)  # family() sharpens by 30: rows would loop and never end
+        if name == "gemma2":
+            m.config.sliding_window = window
+        models.append(boost_eos(M.fp32_head(m), 3, 3.0))
+    return models
+
+
+def left_padded_batch():
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [18]]
+    return M.collate_prompts(prompts, pad_id=0)
+
+
+def rollouts(student, teacher, alpha, decode, n=24, **kw):
+    ids, attn = left_padded_batch()
+    coins = torch.rand(n, generator=torch.Generator().manual_seed(5)) < alpha
+    return M.sample_rollouts(student, teacher, ids, attn, torch.tensor([3]), 0, n, alpha, coins=coins,
+                             generator=torch.Generator().manual_seed(7), decode=decode, **kw)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "gemma2"])
+@pytest.mark.parametrize("alpha", [0.0, 0.2, 1.0])
+def test_static_decoding_equals_eager(name, alpha):
+    """Same seed, fp32: the same tokens, and every recorded tensor (log-probs, weights, KL, masks, the teacher's
+    log-probabilities) within 1e-5, on left-padded prompts whose rows end at different steps."""
+    student, teacher = pair(name)
+    eager, static = (rollouts(student, teacher, alpha, d) for d in ("eager", "static"))
+    lengths = eager["mask"].sum(1)
+    assert lengths.min() < lengths.max()  # ragged
+    for k in KEYS:
+        assert eager[k].shape == static[k].shape, k
+        torch.testing.assert_close(static[k].float(), eager[k].float(), atol=1e-5, rtol=0, msg=k)
+
+
+def test_static_sample_model_equals_eager():
+    """The single-model sampler (evaluation, SeqKD's teacher answers) on a static cache: the same tokens."""
+    model = boost_eos(M.fp32_head(tiny_gpt2(40, 3, scale=5.0)), 1, 2.0)
+    ids, attn = left_padded_batch()
+    out = [M.sample_model(model, ids % 40, attn, [1], 0, 12, generator=torch.Generator().manual_seed(2), decode=d)
+           for d in ("eager", "static")]
+    assert torch.equal(out[0], out[1]) and (out[0] == 0).any()  # rows ended and were padded
+
+
+def test_every_forward_after_the_prompt_has_a_bucket_length(monkeypatch):
+    """Graph mode captures one graph per forward length: after the prompt, every static forward runs at one of
+    BUCKETS (padded), whatever the coins, so a model needs at most len(BUCKETS) graphs."""
+    student, teacher = pair("gpt2")
+    lengths = []
+    run = M.Decoder.run
+    monkeypatch.setattr(M.Decoder, "run", lambda self, ids, keep=0: lengths.append(ids.shape[1]) or run(self, ids, keep))
+    rollouts(student, teacher, 0.3, "static", max_chunk=5)
+    width = left_padded_batch()[0].shape[1]
+    assert lengths[0] == width  # the student's prompt
+    later = lengths[1:]
+    assert set(later) <= set(M.BUCKETS) and {1, 2, 4} <= set(later), later  # steps, and padded catch-ups
+
+
+def test_static_decoding_checks_for_the_end_every_few_tokens(monkeypatch):
+    """The end-of-rollouts check reads a tensor on the host, which waits for the device: eager checks at every token,
+    static every CHECK_EVERY tokens and drops the columns it decoded after the last row ended: the same rollouts."""
+    student, teacher = pair("llama")
+    calls, out = {"eager": 0, "static": 0}, {}
+    for decode in calls:
+        check = M.all_done
+        monkeypatch.setattr(M, "all_done", lambda done, *m, d=decode: calls.__setitem__(d, calls[d] + 1) or check(done, *m))
+        out[decode] = rollouts(student, teacher, 0.2, decode)
+        monkeypatch.setattr(M, "all_done", check)
+    n = out["eager"]["mask"].shape[1]
+    assert n < M.CHECK_EVERY and calls == {"eager": n, "static": 1}  # every row ended before the first static check
+    assert torch.equal(out["eager"]["tokens"], out["static"]["tokens"])
+
+
+def test_a_window_shorter_than_the_sequence_decodes_eagerly(capsys):
+    """Gemma 2 with an 8-token window over a longer sequence: our mask would have to slide, so the model decodes
+    eagerly and says why, once per model; the rollouts are the eager ones."""
+    student, teacher = pair("gemma2", window=8)
+    eager, static = (rollouts(student, teacher, 0.2, d, n=10) for d in ("eager", "static"))
+    assert torch.equal(eager["tokens"], static["tokens"])
+    err = capsys.readouterr().err
+    assert err.count("decodes eagerly: its sliding window (8) is shorter than") == 2  # teacher and student
+
+
+def test_decode_modes_by_device():
+    """auto: CUDA graphs on CUDA, eager on the CPU. graph on the CPU is refused before anything loads."""
+    assert M.decode_mode("auto", "cuda:1") == "graph" and M.decode_mode("auto", "cpu") == "eager"
+    assert M.decode_mode("static", "cpu") == "static"
+    with pytest.raises(SystemExit):
+        M.parse_args(["--device", "cpu", "--decode", "graph"])
+    assert M.parse_args(["--device", "cpu"]).decode == "auto"
