@@ -97,6 +97,8 @@ def parse_args(argv=None):
                    help="another minillm.py (e.g. `git show 38259c6:minillm.py > /tmp/old/minillm.py`): its sample_rollouts "
                         "is timed in the same rounds as ours (mixed_vs_generate_baseline, depth.speedup_vs_baseline)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hf-compiled", action="store_true",
+                   help="CUDA: also time HF generate with a static cache and its compiled forward (compiling takes minutes)")
     p.add_argument("--fsdp-memory", action="store_true",
                    help="instead: peak RSS per rank of 2-rank --fsdp SFT against one process (gloo, CPU; ~5 minutes, "
                         "~5 GB of memory at once)")
@@ -216,39 +218,53 @@ def quiet_distill():
 # ----------------------------------------------------------------------------------------------------
 # 1. Sampling: teacher-mixed vs Hugging Face generate.
 
-def sampling_jobs(student, teacher, ids, attn, sh, device, dtype, calls=None, baseline=None):
+def sampling_jobs(student, teacher, ids, attn, sh, device, dtype, calls=None, baseline=None, compiled=False):
     """calls: a dict that counts the teacher's forward calls and the positions decoded by `ours` (every round).
     baseline: another minillm module (--baseline): its sample_rollouts, on the same shapes, as sample_baseline."""
     N, gen = sh["N"], torch.Generator(device=device).manual_seed(1)
     eos = torch.tensor([FakeTokenizer.eos_token_id], device=device)
 
-    def ours():
-        handle = None if calls is None else teacher.register_forward_pre_hook(
-            lambda *_: calls.update(teacher=calls["teacher"] + 1))
-        roll = M.sample_rollouts(student, teacher, ids, attn, eos, FakeTokenizer.pad_token_id, N,
-                                 alpha=0.2, dtype=dtype, keep_teacher_logits=True, generator=gen)
-        if handle is not None:
-            handle.remove()
-            calls["positions"] += roll["tokens"].shape[1]
+    def ours(decode=M.decode_mode("auto", device), cold=False):
+        def run():
+            if cold:  # a first collection: graph mode captures its graphs again
+                M.release_decoders()
+            handle = None if calls is None or decode != "eager" else teacher.register_forward_pre_hook(
+                lambda *_: calls.update(teacher=calls["teacher"] + 1))  # graph replays call no forward
+            roll = M.sample_rollouts(student, teacher, ids, attn, eos, FakeTokenizer.pad_token_id, N,
+                                     alpha=0.2, dtype=dtype, keep_teacher_logits=True, generator=gen, decode=decode)
+            if handle is not None:
+                handle.remove()
+                calls["positions"] += roll["tokens"].shape[1]
+        return run
 
-    jobs = {"sample_ours": ours}
+    # sample_ours: what minillm.py runs (--decode auto: graph on CUDA, eager on the CPU), its decoders kept from one
+    # call to the next as within a collection; then each --decode mode, and graph mode paying its captures
+    modes = ["eager", "static"] + (["graph"] if device.startswith("cuda") else [])
+    jobs = {"sample_ours": ours(), **{f"sample_{m}": ours(m) for m in modes}}
+    if device.startswith("cuda"):
+        jobs["sample_graph_cold"] = ours("graph", cold=True)
     if baseline is not None:
         jobs["sample_baseline"] = lambda: baseline.sample_rollouts(
             student, teacher, ids, attn, eos, FakeTokenizer.pad_token_id, N, alpha=0.2, dtype=dtype,
             keep_teacher_logits=True, generator=gen)
 
-    def hf(model, amp):
+    def hf(model, amp, **kw):
         def run():
             with M.autocast(device, dtype) if amp else contextlib.nullcontext():
                 out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, top_k=0, top_p=1.0,
                                      temperature=1.0, min_new_tokens=N, max_new_tokens=N, use_cache=True,
-                                     pad_token_id=V - 1, eos_token_id=V - 1)
+                                     pad_token_id=V - 1, eos_token_id=V - 1, **kw)
             assert out.shape[1] == ids.shape[1] + N
         return run
 
-    return {**jobs,
-            "generate_student": hf(student, True),  # the student runs under autocast, as ours
-            "generate_teacher": hf(teacher, False)}  # bf16 weights, as ours
+    jobs.update(generate_student=hf(student, True),  # the student runs under autocast, as ours
+                generate_teacher=hf(teacher, False))  # bf16 weights, as ours
+    if device.startswith("cuda"):  # the fair GPU baseline: a static cache, then also a compiled forward (slow to compile)
+        for name, model, amp in [("student", student, True), ("teacher", teacher, False)]:
+            jobs[f"generate_{name}_static"] = hf(model, amp, cache_implementation="static", disable_compile=True)
+            if compiled:
+                jobs[f"generate_{name}_static_compiled"] = hf(model, amp, cache_implementation="static")
+    return jobs
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -656,18 +672,25 @@ PAIRS = {
 def memory_plan(teacher, student, vocab, rollouts=256, prompt=256, new=256, gen_batch=64, micro=16):
     """Peak GPU memory of one rank, computed from shapes (bytes), for each --teacher-logits mode, with the paper's
     sizes. Weights: teacher bf16 (2 B/param); student fp32 weights + grads + AdamW moments (16 B/param) + the bf16
-    copies autocast makes (2 B/param). Sampling: both KV caches (bf16) for gen_batch rows of prompt + new tokens.
-    The rollout buffer: the teacher's log-probs, rollouts × new × vocab × 2 B. The loss: about six fp32
-    (micro, new, vocab) tensors alive at once (logits, log q, q, the teacher's log p, two gradients)."""
+    copies autocast makes (2 B/param). Sampling: both KV caches (bf16) for gen_batch rows, static: sized once for
+    prompt + new tokens + the padding of the longest bucketed forward (M.BUCKETS); the student's log-probs waiting
+    for the teacher's catch-up (fp32, at most M.PENDING_BYTES); the catch-up's fp32 logits and log-probs over as
+    many positions. The rollout buffer: the teacher's log-probs, rollouts × new × vocab × 2 B. The loss: about six
+    fp32 (micro, new, vocab) tensors alive at once (logits, log q, q, the teacher's log p, two gradients)."""
     weights = 2 * teacher["params"] + 18 * student["params"]
-    kv = sum(2 * m["layers"] * m["kv"] * (prompt + new) * gen_batch * 2 for m in (teacher, student))
+    slots = prompt + new + M.BUCKETS[-1] - 1
+    kv = sum(2 * m["layers"] * m["kv"] * slots * gen_batch * 2 for m in (teacher, student))
+    pending = min(M.PENDING_BYTES, gen_batch * new * vocab * 4)
+    catch_up = 2 * pending  # logits and log-softmax over the positions pending
+    sampling = kv + pending + catch_up
     loss = 6 * micro * new * vocab * 4
     buffer = rollouts * new * vocab * 2
     plan = {}
     for mode in ["keep", "offload", "recompute"]:
         on_gpu = buffer if mode == "keep" else micro * new * vocab * 2 if mode == "offload" else 0
-        plan[mode] = dict(gpu=weights + max(kv, loss) + on_gpu, cpu_pinned=buffer if mode == "offload" else 0)
-    return dict(weights=weights, kv_cache=kv, loss_logits=loss, teacher_logprob_buffer=buffer, modes=plan)
+        plan[mode] = dict(gpu=weights + max(sampling, loss) + on_gpu, cpu_pinned=buffer if mode == "offload" else 0)
+    return dict(weights=weights, kv_cache=kv, pending_logprobs=pending, catch_up_logits=catch_up, sampling=sampling,
+                loss_logits=loss, teacher_logprob_buffer=buffer, modes=plan)
 
 
 def memory_table():
@@ -946,7 +969,7 @@ def run(a, device):
     baseline = load_baseline(a.baseline)
     evals = bench_teacher_evals(student, teacher, prompts, pt_stream, sh, device, dtype)
     calls = {"teacher": 0, "positions": 0}
-    jobs = {**sampling_jobs(student, teacher, ids, attn, sh, device, dtype, calls, baseline),
+    jobs = {**sampling_jobs(student, teacher, ids, attn, sh, device, dtype, calls, baseline, a.hf_compiled),
             **step_jobs(student, teacher, prompts, pt_stream, sh, device, dtype)}
     trl_step, trl_evals, trl_note = (None, None, "skipped (--no-trl)") if a.no_trl else \
         trl_job(student, teacher, ids, attn, sh, device, dtype, a.trl_micro_batch)
@@ -985,7 +1008,8 @@ def run(a, device):
                       "generate_teacher": med(samp["generate_teacher"]), "step": med(step["step"]),
                       "step_no_pt": med(step["step_no_pt"]), **{k: med(step[k]) for k in parts},
                       "step_recompute": med(step["step_recompute"]), "recompute_logp_old": med(step["recompute_logp_old"]),
-                      "trl_step": med(trl_res["step"]) if trl_res else None},
+                      "trl_step": med(trl_res["step"]) if trl_res else None,
+                      **{k: med(v) for k, v in step.items() if k.startswith(("sample_", "generate_"))}},
         "timings_all_s": {k: v["all_s"] for k, v in step.items()},
         "peak_memory_bytes": {"sample_ours": samp["ours"]["peak_bytes"], "generate_student": samp["generate_student"]["peak_bytes"],
                               "generate_teacher": samp["generate_teacher"]["peak_bytes"], "step": step["step"]["peak_bytes"],
@@ -1000,6 +1024,7 @@ def run(a, device):
                          "train_step": tokens / med(step["step"]), "train_step_no_pt": tokens / med(step["step_no_pt"]),
                          "trl_step": tokens / med(trl_res["step"]) if trl_res else None},
         "teacher_evals": {**evals, "trl_teacher_evals_per_token": trl_res["teacher_evals_per_token"] if trl_res else None},
+        "decode": decode_report(step, tokens),
         "teacher_logits_one_collection_bytes": teacher_logits_bytes(),
         "memory_plan_bytes": memory_table(),
         "lm_head": head_report(smoke=a.shapes == "smoke"),
@@ -1027,6 +1052,19 @@ def run(a, device):
     return res
 
 
+def decode_report(step, tokens):
+    """The collection (sample_rollouts, B prompts, α = 0.2) under each --decode mode, and HF generate's static-cache
+    baselines where they ran: median seconds, sampled tokens/s, peak memory."""
+    names = [k for k in step if k.startswith("sample_") and k != "sample_baseline" or "_static" in k]
+    out = {k: {"s": step[k]["median_s"], "tokens_per_s": tokens / step[k]["median_s"], "peak_bytes": step[k]["peak_bytes"]}
+           for k in names}
+    gen = [k for k in ("generate_student_static_compiled", "generate_student_static") if k in step]
+    if gen and "generate_teacher" in step:  # mixed_vs_generate against the fair GPU baseline
+        teacher = step.get(gen[0].replace("student", "teacher"), step["generate_teacher"])
+        out["mixed_vs_generate_static"] = step["sample_ours"]["median_s"] / (step[gen[0]]["median_s"] + teacher["median_s"])
+    return out
+
+
 def print_table(r):
     c, t, m, tok = r["config"], r["timings_s"], r["peak_memory_bytes"], r["tokens_per_s"]
     gb = lambda x: "-" if x is None else f"{x / 2**30:.2f} GiB"  # noqa: E731
@@ -1047,6 +1085,8 @@ def print_table(r):
             ("distill step, --teacher-logits recompute", t["step_recompute"], None, m["step_recompute"]),
             ("bf16 only: recompute_logp_old", t["recompute_logp_old"], None, None),
             ("TRL GKDTrainer step (beta=1, lmbda=1)", t["trl_step"], tok["trl_step"], m["trl_step"])]
+    rows += [(f"  --decode {k.removeprefix('sample_').replace('ours', 'auto')}" if k.startswith("sample_") else f"  HF {k}", v["s"], v["tokens_per_s"],
+              v["peak_bytes"]) for k, v in r["decode"].items() if isinstance(v, dict)]
     for name, x, k, mem in rows:
         print(f"{name:<44}{ms(x):>10}{ts(k):>10}{gb(mem):>12}")
     e = r["teacher_evals"]

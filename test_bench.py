@@ -33,4 +33,8 @@ def test_bench_smoke(capsys):
     assert o["per_token_after"]["host_alloc_bytes"] == 0 < o["per_token_before"]["host_alloc_bytes"]
     assert o["per_token_after"]["bus_bytes"] == o["per_token_before"]["bus_bytes"] == 64 * (151665 // 64) * 64 * 2
     assert o["per_micro_batch_read_after"]["host_alloc_bytes"] == 0 and o["pinned_bytes_after"] == o["store_bytes"]
+    d = out["decode"]  # the collection under each --decode mode the CPU has (graph needs CUDA)
+    assert {"sample_ours", "sample_eager", "sample_static"} == set(d) and all(v["tokens_per_s"] > 0 for v in d.values())
+    plan = out["memory_plan_bytes"]["gpt2-xl -> gpt2 (paper)"]  # the static caches and the catch-up's log-probs planned
+    assert plan["sampling"] == plan["kv_cache"] + plan["pending_logprobs"] + plan["catch_up_logits"] > plan["kv_cache"]
     assert res["config"]["B"] == 2 and all(v > 0 for k, v in res["timings_s"].items() if v is not None)
