@@ -2564,17 +2564,33 @@ def barrier():
         torch.distributed.barrier()
 
 
+def cuda_device(device, world_size=1, local_rank=0):
+    """The device a process binds, with its index: torch.cuda.set_device refuses a bare `cuda` ("Expected a
+    torch.device with a specified index"), and DDP's device_ids need the index. Several processes: each takes
+    its LOCAL_RANK's GPU, as torchrun means it. One: the index given, and `cuda` is cuda:0, the current device of a
+    fresh process (CUDA_VISIBLE_DEVICES decides which GPU that is). Other devices have nothing to bind."""
+    d = torch.device(device)
+    if d.type != "cuda":
+        return device
+    return f"cuda:{local_rank if world_size > 1 else d.index or 0}"
+
+
+def bind_device(args, world_size=1, local_rank=0):
+    """args.device indexed (cuda_device), and made the current CUDA device: on cuda:1 alone its RNG state is the one
+    saved, its memory the one pinned, not GPU 0's."""
+    args.device = cuda_device(args.device, world_size, local_rank)
+    if args.device.startswith("cuda"):
+        torch.cuda.set_device(args.device)
+
+
 def init_distributed(args):
     """torchrun starts one process per device and sets RANK, LOCAL_RANK and WORLD_SIZE: join the group.
     --fsdp in one process without torchrun: a group of one (FSDP needs a process group)."""
     torchrun = "RANK" in os.environ and "MASTER_ADDR" in os.environ
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not args.fsdp:
-        if args.device.startswith("cuda"):  # cuda:1 alone: its RNG state is the one saved, its memory the one pinned
-            torch.cuda.set_device(args.device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    bind_device(args, world_size, int(os.environ.get("LOCAL_RANK", 0)))
+    if world_size <= 1 and not args.fsdp:
         return
-    if args.device.startswith("cuda"):
-        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(args.device)
     backend = "nccl" if args.device.startswith("cuda") else "gloo"
     timeout = datetime.timedelta(minutes=args.dist_timeout)  # rank 0 may write a large checkpoint while the rest wait
     if torchrun:
