@@ -1444,23 +1444,31 @@ def draw(probs, generator=None):
 _head_casts = None  # {(FP32Head, dtype): its weight cast to dtype}, inside an autocast() region only
 
 
-@contextmanager
-def autocast(device, dtype):
+class autocast:
     """bf16 autocast for a bf16 run (nothing for fp32), and the lifetime of the LM heads' weight casts: like torch's
     own cache of the bf16 copies of fp32 weights, a head's cast (head_weight) is made once per region and dropped at
     its end. A sampling loop is one region, so a frozen head is cast once per batch of rollouts, not once per token;
     and no cast outlives its region, so an edit of the weights between regions (an optimizer step, an EMA update
-    through .data, a deepcopy) is always seen."""
-    global _head_casts
-    outer = _head_casts is None
-    if outer:
-        _head_casts = {}
-    try:
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext():
-            yield
-    finally:
+    through .data, a deepcopy) is always seen. An object, not a @contextmanager generator: it may be entered again
+    (`amp = autocast(...)`, then `with amp:` per micro-batch), each time with a torch.autocast of its own."""
+
+    def __init__(self, device, dtype):
+        self.device_type, self.dtype, self.entered = torch.device(device).type, dtype, []
+
+    def __enter__(self):
+        global _head_casts
+        amp = torch.autocast(self.device_type, dtype=torch.bfloat16) if self.dtype == torch.bfloat16 else nullcontext()
+        amp.__enter__()
+        self.entered.append((amp, _head_casts is None))  # (its autocast, whether it opened the casts' region)
+        if _head_casts is None:
+            _head_casts = {}
+
+    def __exit__(self, *exc):
+        global _head_casts
+        amp, outer = self.entered.pop()
         if outer:
             _head_casts = None
+        return amp.__exit__(*exc)
 
 
 def head_weight(head, w, dtype):
@@ -1563,18 +1571,26 @@ def teacher_store(args, n_rollouts, vocab_size, dtype):
 def pinned_zeros(shape, dtype):
     """Zeros in page-locked host memory of exactly the size asked. torch.empty(pin_memory=True) goes through
     PyTorch's caching host allocator, which rounds every block up to a power of two (18.5 GiB asked: 32 GiB
-    pinned, in torch 2.11 and, by default, 2.13). Here: plain host memory, page-locked in place with
+    pinned, in torch 2.11 and, by default, 2.13). Here: plain host memory (host_zeros), page-locked in place with
     cudaHostRegister and released when the last tensor viewing it is gone. The copies see an ordinary pinned
     tensor: DMA, non-blocking."""
-    import numpy as np
     import weakref
-    host = np.zeros(math.prod(shape) * torch.empty((), dtype=dtype).element_size(), dtype=np.uint8)
+    host, zeros = host_zeros(shape, dtype)
     cudart = torch.cuda.cudart()
     if cudart.cudaHostRegister(host.ctypes.data, host.nbytes, 0) != cudart.cudaError.success:  # then pageable: correct, slower
         print("warning: cudaHostRegister failed; --teacher-logits offload uses pageable memory (slower copies)", file=sys.stderr)
     else:
         weakref.finalize(host, cudart.cudaHostUnregister, host.ctypes.data)  # before numpy frees the memory
-    return torch.from_numpy(host).view(dtype).view(shape)  # holds `host`: it lives as long as any view of it
+    return zeros
+
+
+def host_zeros(shape, dtype):
+    """(the numpy bytes, a `dtype` tensor of `shape` viewing them): zeros in plain host memory of exactly the size
+    asked. The tensor holds the array, so the memory lives as long as any view of it (pinned_zeros unregisters it
+    when the array goes)."""
+    import numpy as np
+    host = np.zeros(math.prod(shape) * torch.empty((), dtype=dtype).element_size(), dtype=np.uint8)
+    return host, torch.from_numpy(host).view(dtype).view(shape)
 
 
 def offloaded(store, device):
@@ -2583,12 +2599,33 @@ def bind_device(args, world_size=1, local_rank=0):
         torch.cuda.set_device(args.device)
 
 
+M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
+
+
+def fix_mmap_threshold(nbytes=64 * 1024):
+    """Blocks of `nbytes` or more from mmap, handed back to the system when freed. glibc's malloc raises its mmap
+    threshold each time a large block is freed (up to 32 MB), after which FSDP's per-block all-gather and gradient
+    buffers come from the heap and their freed memory stays in the process: on the CPU each of 2 ranks peaked at
+    0.96-1.11x of one unsharded process, no saving at all (bench.py --fsdp-memory). A fixed threshold (mallopt, what
+    MALLOC_MMAP_THRESHOLD_ does) keeps the memory at what is live. Only glibc's malloc has it; a threshold set in the
+    environment wins. Returns whether it was set."""
+    import ctypes
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, nbytes) == 1
+    except (OSError, AttributeError):  # no glibc (macOS, Windows, musl)
+        return False
+
+
 def init_distributed(args):
     """torchrun starts one process per device and sets RANK, LOCAL_RANK and WORLD_SIZE: join the group.
     --fsdp in one process without torchrun: a group of one (FSDP needs a process group)."""
     torchrun = "RANK" in os.environ and "MASTER_ADDR" in os.environ
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     bind_device(args, world_size, int(os.environ.get("LOCAL_RANK", 0)))
+    if args.fsdp and torch.device(args.device).type == "cpu":  # before any model is loaded (on a GPU the caching allocator decides)
+        fix_mmap_threshold()
     if world_size <= 1 and not args.fsdp:
         return
     backend = "nccl" if args.device.startswith("cuda") else "gloo"

@@ -3,7 +3,9 @@ called, the same objects are built, the same context managers entered twice. No 
 whose contract it claims; a spy records its argument and then calls torch's real code. What cannot run without CUDA
 (cudaHostRegister, setting the current device itself, NCCL) is listed in the closing note of the change."""
 
+import gc
 import os
+import weakref
 from argparse import Namespace
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -74,3 +76,105 @@ def test_eval_binds_an_indexed_device(set_device, monkeypatch, tmp_path):
     with pytest.raises(Bound):
         E.main(["--model", "m", "--device", "cuda", "--out", str(tmp_path)])
     assert set_device == [0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Context managers entered more than once
+
+def test_autocast_may_be_entered_again_as_bench_trl_peer_does():
+    """bench.py's TRL peer makes one M.autocast and enters it once per micro-batch; a @contextmanager one is spent
+    after its first `with` (on CUDA: AttributeError '_GeneratorContextManager' object has no attribute 'args').
+    bf16 on the CPU takes the same path: a real torch.autocast each time, the head casts' region opened and closed."""
+    amp = M.autocast("cpu", torch.bfloat16)
+    for _ in range(2):
+        with amp:
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            assert (torch.ones(2, 3) @ torch.ones(3, 2)).dtype == torch.bfloat16 and M._head_casts == {}
+        assert not torch.is_autocast_enabled("cpu") and M._head_casts is None
+
+
+def test_autocast_nested_in_itself_closes_the_casts_region_at_the_outer_exit():
+    amp = M.autocast("cpu", torch.bfloat16)
+    with amp:
+        casts = M._head_casts
+        with amp:
+            assert M._head_casts is casts  # one region: a head is cast once
+        assert M._head_casts is casts and torch.is_autocast_enabled("cpu")
+    assert M._head_casts is None and not torch.is_autocast_enabled("cpu")
+
+
+def test_autocast_closes_the_region_when_the_block_raises():
+    with pytest.raises(KeyError), M.autocast("cpu", torch.bfloat16):
+        raise KeyError
+    assert M._head_casts is None and not torch.is_autocast_enabled("cpu")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The LM head on tensor cores: torch.mm(out_dtype=) has no CPU kernel in torch 2.13, but its meta kernel checks the
+# same contract (shapes, out_dtype allowed for bf16 inputs), and autograd runs on meta tensors.
+
+def test_tensor_core_matmul_meets_mm_out_dtype_contract_forward_and_backward():
+    h = torch.empty(6, 8, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    w = torch.empty(5, 8, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    z = M.TensorCoreMatmul.apply(h, w)
+    assert (z.shape, z.dtype) == ((6, 5), torch.float32)  # fp32 logits from bf16 operands
+    z.sum().backward()
+    assert (h.grad.shape, h.grad.dtype, w.grad.shape, w.grad.dtype) == (h.shape, torch.bfloat16, w.shape, torch.bfloat16)
+
+
+def test_head_matmul_cuda_branch_gives_fp32_logits_of_the_batch_shape():
+    """head_matmul's CUDA branch (bf16 parts from head_weight on a GPU): the (B, T, d) hidden states flattened for
+    mm and the logits viewed back as (B, T, n), each of the 2 (fp32 h) x 2 (fp32 w) parts but lo·lo multiplied."""
+    h = torch.empty(2, 3, 8, device="meta", requires_grad=True)  # GPT-2's LayerNorm output under autocast: fp32
+    parts = [torch.empty(5, 8, dtype=torch.bfloat16, device="meta", requires_grad=True) for _ in range(2)]  # hi, lo
+    z = M.head_matmul(h, parts)
+    assert (z.shape, z.dtype) == ((2, 3, 5), torch.float32)
+    z.sum().backward()
+    assert h.grad.shape == h.shape and all(p.grad.shape == p.shape for p in parts)
+
+
+def test_tensor_core_matmul_backward_is_a_bf16_layers_gradient():
+    """dL/dh = g·w and dL/dw = gᵀ·h in bf16 (the CPU runs the backward's matmuls; the forward needs CUDA)."""
+    g = torch.Generator().manual_seed(0)
+    h, w, grad = (torch.randn(*s, generator=g) for s in [(6, 8), (5, 8), (6, 5)])
+    ctx = Namespace(saved_tensors=(h.bfloat16(), w.bfloat16()))
+    dh, dw = M.TensorCoreMatmul.backward(ctx, grad)
+    assert dh.dtype == dw.dtype == torch.bfloat16
+    hb, wb, gb = (x.bfloat16().float() for x in (h, w, grad))  # the values the bf16 matmuls read
+    torch.testing.assert_close(dh.float(), gb @ wb, rtol=1e-2, atol=1e-2)  # to bf16's rounding of the result
+    torch.testing.assert_close(dw.float(), gb.t() @ hb, rtol=1e-2, atol=1e-2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# --teacher-logits offload: the host buffer, and the non-blocking row copies (legal between CPU tensors)
+
+def test_host_zeros_is_exactly_the_size_asked_and_lives_as_long_as_a_view():
+    host, store = M.host_zeros((3, 4, 5), torch.float16)
+    assert (store.shape, store.dtype) == ((3, 4, 5), torch.float16) and not store.any()
+    assert host.nbytes == store.untyped_storage().nbytes() == 3 * 4 * 5 * 2  # no rounding up to a power of two
+    assert store.data_ptr() == host.ctypes.data  # cudaHostRegister page-locks exactly the tensor's bytes
+    freed = []
+    weakref.finalize(host, freed.append, True)  # where pinned_zeros hangs cudaHostUnregister
+    row = store[1]
+    del host, store
+    gc.collect()
+    assert not freed  # a view still reads the memory: it must stay registered
+    del row
+    gc.collect()
+    assert freed
+
+
+def test_offloaded_store_writes_and_reads_what_the_on_device_store_does(monkeypatch):
+    """store_write / store_read's GPU path (a non-blocking copy per row) run on CPU tensors, against the plain path."""
+    g = torch.Generator().manual_seed(0)
+    logp = torch.randn(4, 3, 7, generator=g).log_softmax(-1)
+    logp[0, 0, 0] = -float("inf")  # clamped, so fp16 holds it
+    rows = torch.tensor([2, 0])
+    plain = torch.zeros(4, 5, 7, dtype=torch.float16)
+    M.store_write(plain, 1, logp)
+    expected = M.store_read(plain, rows, 4, "cpu")
+    monkeypatch.setattr(M, "offloaded", lambda *a: True)  # our own predicate: host store, accelerator models
+    store = torch.zeros(4, 5, 7, dtype=torch.float16)
+    M.store_write(store, 1, logp)
+    assert torch.equal(store, plain)
+    assert torch.equal(M.store_read(store, rows, 4, "cpu"), expected)
