@@ -41,6 +41,7 @@ Deliberate simplifications, stated up front:
 
 import argparse
 import datetime
+import errno
 import inspect
 import json
 import math
@@ -2225,8 +2226,10 @@ def save_checkpoint(model, tok, path):
             shutil.rmtree(tmp, ignore_errors=True)
             unwrap(model).save_pretrained(tmp, safe_serialization=True, state_dict=weights)
             tok.save_pretrained(tmp)
+            fsync_tree(tmp)  # on the disk before any name points to them
             for f in tmp.iterdir():
                 os.replace(f, Path(path) / f.name)
+            fsync(path)  # the renames themselves
             tmp.rmdir()
 
 
@@ -2249,9 +2252,34 @@ def write_atomic(path, text):
     tmp = Path(str(path) + ".tmp")
     try:
         tmp.write_text(text)
+        fsync(tmp)
         os.replace(tmp, path)
+        fsync(Path(path).parent)
     finally:
         tmp.unlink(missing_ok=True)  # a failed write leaves no path.tmp behind
+
+
+def fsync(path):
+    """A file's bytes, or a folder's entries (the names created or renamed in it), from the page cache to the disk.
+    A rename reaches the disk on its own schedule, possibly before the data it names: after a power loss the new
+    name would point to an empty file. So: fsync the files, rename, fsync the folder (as DCP's writer does)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:  # some file systems (and Windows) cannot sync a folder: its entries are as durable as they get
+        if not (os.path.isdir(path) and e.errno in (errno.EINVAL, errno.EACCES, errno.EBADF)):
+            raise
+
+
+def fsync_tree(folder):
+    """fsync every file under `folder`, every folder in it (bottom-up), and `folder` itself."""
+    for root, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            fsync(Path(root) / name)
+        fsync(root)
 
 
 # A failed write (ENOSPC, EDQUOT, EACCES, EROFS) surfaces as an OSError from Python, a RuntimeError from torch.save
@@ -2342,10 +2370,12 @@ def save_train_state(path, model, opt, rng, rollouts=None, store=None, **state):
                 unwrap(model).save_pretrained(tmp, safe_serialization=True)
                 torch.save(opt.state_dict(), tmp / "optimizer.pt")
             torch.save(dict(state, rng=rngs), tmp / "state.pt")  # written last: a folder with state.pt is complete
+            fsync_tree(tmp)  # every rank's files are written (write_guard's all-reduce): all on the disk, then renamed
             if path.exists():
                 shutil.rmtree(old, ignore_errors=True)  # path is complete, so an older ckpt.old is not needed
                 os.replace(path, old)
             os.replace(tmp, path)
+            fsync(path.parent)  # the renames on the disk before the previous checkpoint goes
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -2358,6 +2388,7 @@ def save_rollouts(file, rollouts, store=None):
                 and v.untyped_storage().data_ptr() == store.untyped_storage().data_ptr()]
     devices = {k: v.device.type for k, v in buf.items() if torch.is_tensor(v)}
     torch.save(dict(rollouts, in_store=in_store, devices=devices), file)
+    fsync(file)  # by the rank that wrote it (on another node, rank 0's fsync could not reach its cache)
 
 
 def load_rollouts(path, device, store=None):
