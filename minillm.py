@@ -1572,26 +1572,18 @@ def teacher_store(args, n_rollouts, vocab_size, dtype):
 def pinned_zeros(shape, dtype):
     """Zeros in page-locked host memory of exactly the size asked. torch.empty(pin_memory=True) goes through
     PyTorch's caching host allocator, which rounds every block up to a power of two (18.5 GiB asked: 32 GiB
-    pinned, in torch 2.11 and, by default, 2.13). Here: plain host memory (host_zeros), page-locked in place with
+    pinned, in torch 2.11 and, by default, 2.13). Here: plain host memory, page-locked in place with
     cudaHostRegister and released when the last tensor viewing it is gone. The copies see an ordinary pinned
     tensor: DMA, non-blocking."""
+    import numpy as np
     import weakref
-    host, zeros = host_zeros(shape, dtype)
+    host = np.zeros(math.prod(shape) * torch.empty((), dtype=dtype).element_size(), dtype=np.uint8)
     cudart = torch.cuda.cudart()
     if cudart.cudaHostRegister(host.ctypes.data, host.nbytes, 0) != cudart.cudaError.success:  # then pageable: correct, slower
         print("warning: cudaHostRegister failed; --teacher-logits offload uses pageable memory (slower copies)", file=sys.stderr)
     else:
         weakref.finalize(host, cudart.cudaHostUnregister, host.ctypes.data)  # before numpy frees the memory
-    return zeros
-
-
-def host_zeros(shape, dtype):
-    """(the numpy bytes, a `dtype` tensor of `shape` viewing them): zeros in plain host memory of exactly the size
-    asked. The tensor holds the array, so the memory lives as long as any view of it (pinned_zeros unregisters it
-    when the array goes)."""
-    import numpy as np
-    host = np.zeros(math.prod(shape) * torch.empty((), dtype=dtype).element_size(), dtype=np.uint8)
-    return host, torch.from_numpy(host).view(dtype).view(shape)
+    return torch.from_numpy(host).view(dtype).view(shape)  # holds `host`: it lives as long as any view of it
 
 
 def offloaded(store, device):

@@ -3,9 +3,7 @@ called, the same objects are built, the same context managers entered twice. No 
 whose contract it claims; a spy records its argument and then calls torch's real code. What cannot run without CUDA
 (cudaHostRegister, setting the current device itself, NCCL) is listed in the closing note of the change."""
 
-import gc
 import os
-import weakref
 from argparse import Namespace
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -143,38 +141,3 @@ def test_tensor_core_matmul_backward_is_a_bf16_layers_gradient():
     hb, wb, gb = (x.bfloat16().float() for x in (h, w, grad))  # the values the bf16 matmuls read
     torch.testing.assert_close(dh.float(), gb @ wb, rtol=1e-2, atol=1e-2)  # to bf16's rounding of the result
     torch.testing.assert_close(dw.float(), gb.t() @ hb, rtol=1e-2, atol=1e-2)
-
-
-# ----------------------------------------------------------------------------------------------------
-# --teacher-logits offload: the host buffer, and the non-blocking row copies (legal between CPU tensors)
-
-def test_host_zeros_is_exactly_the_size_asked_and_lives_as_long_as_a_view():
-    host, store = M.host_zeros((3, 4, 5), torch.float16)
-    assert (store.shape, store.dtype) == ((3, 4, 5), torch.float16) and not store.any()
-    assert host.nbytes == store.untyped_storage().nbytes() == 3 * 4 * 5 * 2  # no rounding up to a power of two
-    assert store.data_ptr() == host.ctypes.data  # cudaHostRegister page-locks exactly the tensor's bytes
-    freed = []
-    weakref.finalize(host, freed.append, True)  # where pinned_zeros hangs cudaHostUnregister
-    row = store[1]
-    del host, store
-    gc.collect()
-    assert not freed  # a view still reads the memory: it must stay registered
-    del row
-    gc.collect()
-    assert freed
-
-
-def test_offloaded_store_writes_and_reads_what_the_on_device_store_does(monkeypatch):
-    """store_write / store_read's GPU path (a non-blocking copy per row) run on CPU tensors, against the plain path."""
-    g = torch.Generator().manual_seed(0)
-    logp = torch.randn(4, 3, 7, generator=g).log_softmax(-1)
-    logp[0, 0, 0] = -float("inf")  # clamped, so fp16 holds it
-    rows = torch.tensor([2, 0])
-    plain = torch.zeros(4, 5, 7, dtype=torch.float16)
-    M.store_write(plain, 1, logp)
-    expected = M.store_read(plain, rows, 4, "cpu")
-    monkeypatch.setattr(M, "offloaded", lambda *a: True)  # our own predicate: host store, accelerator models
-    store = torch.zeros(4, 5, 7, dtype=torch.float16)
-    M.store_write(store, 1, logp)
-    assert torch.equal(store, plain)
-    assert torch.equal(M.store_read(store, rows, 4, "cpu"), expected)

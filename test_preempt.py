@@ -397,9 +397,9 @@ def test_a_checkpoint_is_on_the_disk_before_its_name_and_its_rename_before_the_p
     rollouts = dict(buf={"tokens": torch.arange(6).view(2, 3)}, queue=[[1, 0]])
     M.save_train_state(ckpt, model, opt, M.rng_state(), rollouts=rollouts, step=2)  # over a previous checkpoint
     i = disk_log.index(("replace", ckpt))
-    files = list(ckpt.rglob("*")) + [ckpt]
-    assert {"model.safetensors", "optimizer.pt", "state.pt", "rollouts0.pt"} <= {p.name for p in files}
-    assert {inode(p) for p in files} <= synced(disk_log, until=i)
+    written = list(ckpt.rglob("*")) + [ckpt]
+    assert {"model.safetensors", "optimizer.pt", "state.pt", "rollouts0.pt"} <= {p.name for p in written}
+    assert {inode(p) for p in written} <= synced(disk_log, until=i)
     assert inode(tmp_path) in synced(disk_log, since=i)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # ckpt.old deleted, after that
 
