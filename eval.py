@@ -53,9 +53,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minillm import (autocast, check_device, collate_prompts, collate_sft, decode_response, die, end_ids, forward,
-                     load_config, load_frozen, max_positions, load_records, load_tokenizer, model_configs, prompt_text,
-                     resolve_dtype, sample_model, set_seed, text_start, tokenize_example)
+from minillm import (autocast, bind_device, check_device, collate_prompts, collate_sft, decode_response, die, end_ids,
+                     forward, load_config, load_frozen, max_positions, load_records, load_tokenizer, model_configs,
+                     prompt_text, resolve_dtype, sample_model, set_seed, text_start, tokenize_example)
 
 # ----------------------------------------------------------------------------------------------------
 # The official test sets (docs/paper.md §5). Hub repositories of raw files; the official evaluation reads
@@ -812,8 +812,7 @@ ANALYSES = {"exposure": run_exposure, "ece": run_ece, "judge": run_judge}
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.device.startswith("cuda"):  # cuda:1 alone: its memory, not GPU 0's, holds the context
-        torch.cuda.set_device(args.device)
+    bind_device(args)  # cuda:1 alone: its memory, not GPU 0's, holds the context
     dtype = resolve_dtype(args)
     if args.analysis:
         return ANALYSES[args.analysis](args, dtype)

@@ -41,6 +41,7 @@ Deliberate simplifications, stated up front:
 
 import argparse
 import datetime
+import errno
 import inspect
 import json
 import math
@@ -1424,23 +1425,31 @@ def fp32_head(model, vocab_size=None, name="the model"):
 _head_casts = None  # {(FP32Head, dtype): its weight cast to dtype}, inside an autocast() region only
 
 
-@contextmanager
-def autocast(device, dtype):
+class autocast:
     """bf16 autocast for a bf16 run (nothing for fp32), and the lifetime of the LM heads' weight casts: like torch's
     own cache of the bf16 copies of fp32 weights, a head's cast (head_weight) is made once per region and dropped at
     its end. A sampling loop is one region, so a frozen head is cast once per batch of rollouts, not once per token;
     and no cast outlives its region, so an edit of the weights between regions (an optimizer step, an EMA update
-    through .data, a deepcopy) is always seen."""
-    global _head_casts
-    outer = _head_casts is None
-    if outer:
-        _head_casts = {}
-    try:
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext():
-            yield
-    finally:
+    through .data, a deepcopy) is always seen. An object, not a @contextmanager generator: it may be entered again
+    (`amp = autocast(...)`, then `with amp:` per micro-batch), each time with a torch.autocast of its own."""
+
+    def __init__(self, device, dtype):
+        self.device_type, self.dtype, self.entered = torch.device(device).type, dtype, []
+
+    def __enter__(self):
+        global _head_casts
+        amp = torch.autocast(self.device_type, dtype=torch.bfloat16) if self.dtype == torch.bfloat16 else nullcontext()
+        amp.__enter__()
+        self.entered.append((amp, _head_casts is None))  # (its autocast, whether it opened the casts' region)
+        if _head_casts is None:
+            _head_casts = {}
+
+    def __exit__(self, *exc):
+        global _head_casts
+        amp, outer = self.entered.pop()
         if outer:
             _head_casts = None
+        return amp.__exit__(*exc)
 
 
 def head_weight(head, w, dtype):
@@ -2432,8 +2441,10 @@ def save_checkpoint(model, tok, path):
             shutil.rmtree(tmp, ignore_errors=True)
             unwrap(model).save_pretrained(tmp, safe_serialization=True, state_dict=weights)
             tok.save_pretrained(tmp)
+            fsync_tree(tmp)  # on the disk before any name points to them
             for f in tmp.iterdir():
                 os.replace(f, Path(path) / f.name)
+            fsync(path)  # the renames themselves
             tmp.rmdir()
 
 
@@ -2456,9 +2467,34 @@ def write_atomic(path, text):
     tmp = Path(str(path) + ".tmp")
     try:
         tmp.write_text(text)
+        fsync(tmp)
         os.replace(tmp, path)
+        fsync(Path(path).parent)
     finally:
         tmp.unlink(missing_ok=True)  # a failed write leaves no path.tmp behind
+
+
+def fsync(path):
+    """A file's bytes, or a folder's entries (the names created or renamed in it), from the page cache to the disk.
+    A rename reaches the disk on its own schedule, possibly before the data it names: after a power loss the new
+    name would point to an empty file. So: fsync the files, rename, fsync the folder (as DCP's writer does)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:  # some file systems (and Windows) cannot sync a folder: its entries are as durable as they get
+        if not (os.path.isdir(path) and e.errno in (errno.EINVAL, errno.EACCES, errno.EBADF)):
+            raise
+
+
+def fsync_tree(folder):
+    """fsync every file under `folder`, every folder in it (bottom-up), and `folder` itself."""
+    for root, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            fsync(Path(root) / name)
+        fsync(root)
 
 
 # A failed write (ENOSPC, EDQUOT, EACCES, EROFS) surfaces as an OSError from Python, a RuntimeError from torch.save
@@ -2549,10 +2585,12 @@ def save_train_state(path, model, opt, rng, rollouts=None, store=None, **state):
                 unwrap(model).save_pretrained(tmp, safe_serialization=True)
                 torch.save(opt.state_dict(), tmp / "optimizer.pt")
             torch.save(dict(state, rng=rngs), tmp / "state.pt")  # written last: a folder with state.pt is complete
+            fsync_tree(tmp)  # every rank's files are written (write_guard's all-reduce): all on the disk, then renamed
             if path.exists():
                 shutil.rmtree(old, ignore_errors=True)  # path is complete, so an older ckpt.old is not needed
                 os.replace(path, old)
             os.replace(tmp, path)
+            fsync(path.parent)  # the renames on the disk before the previous checkpoint goes
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -2565,6 +2603,7 @@ def save_rollouts(file, rollouts, store=None):
                 and v.untyped_storage().data_ptr() == store.untyped_storage().data_ptr()]
     devices = {k: v.device.type for k, v in buf.items() if torch.is_tensor(v)}
     torch.save(dict(rollouts, in_store=in_store, devices=devices), file)
+    fsync(file)  # by the rank that wrote it (on another node, rank 0's fsync could not reach its cache)
 
 
 def load_rollouts(path, device, store=None):
@@ -2801,17 +2840,54 @@ def barrier():
         torch.distributed.barrier()
 
 
+def cuda_device(device, world_size=1, local_rank=0):
+    """The device a process binds, with its index: torch.cuda.set_device refuses a bare `cuda` ("Expected a
+    torch.device with a specified index"), and DDP's device_ids need the index. Several processes: each takes
+    its LOCAL_RANK's GPU, as torchrun means it. One: the index given, and `cuda` is cuda:0, the current device of a
+    fresh process (CUDA_VISIBLE_DEVICES decides which GPU that is). Other devices have nothing to bind."""
+    d = torch.device(device)
+    if d.type != "cuda":
+        return device
+    return f"cuda:{local_rank if world_size > 1 else d.index or 0}"
+
+
+def bind_device(args, world_size=1, local_rank=0):
+    """args.device indexed (cuda_device), and made the current CUDA device: on cuda:1 alone its RNG state is the one
+    saved, its memory the one pinned, not GPU 0's."""
+    args.device = cuda_device(args.device, world_size, local_rank)
+    if args.device.startswith("cuda"):
+        torch.cuda.set_device(args.device)
+
+
+M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
+
+
+def fix_mmap_threshold(nbytes=64 * 1024):
+    """Blocks of `nbytes` or more from mmap, handed back to the system when freed. glibc's malloc raises its mmap
+    threshold each time a large block is freed (up to 32 MB), after which FSDP's per-block all-gather and gradient
+    buffers come from the heap and their freed memory stays in the process: on the CPU each of 2 ranks peaked at
+    0.96-1.11x of one unsharded process, no saving at all (bench.py --fsdp-memory). A fixed threshold (mallopt, what
+    MALLOC_MMAP_THRESHOLD_ does) keeps the memory at what is live. Only glibc's malloc has it; a threshold set in the
+    environment wins. Returns whether it was set."""
+    import ctypes
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, nbytes) == 1
+    except (OSError, AttributeError):  # no glibc (macOS, Windows, musl)
+        return False
+
+
 def init_distributed(args):
     """torchrun starts one process per device and sets RANK, LOCAL_RANK and WORLD_SIZE: join the group.
     --fsdp in one process without torchrun: a group of one (FSDP needs a process group)."""
     torchrun = "RANK" in os.environ and "MASTER_ADDR" in os.environ
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not args.fsdp:
-        if args.device.startswith("cuda"):  # cuda:1 alone: its RNG state is the one saved, its memory the one pinned
-            torch.cuda.set_device(args.device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    bind_device(args, world_size, int(os.environ.get("LOCAL_RANK", 0)))
+    if args.fsdp and torch.device(args.device).type == "cpu":  # before any model is loaded (on a GPU the caching allocator decides)
+        fix_mmap_threshold()
+    if world_size <= 1 and not args.fsdp:
         return
-    if args.device.startswith("cuda"):
-        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(args.device)
     backend = "nccl" if args.device.startswith("cuda") else "gloo"
     timeout = datetime.timedelta(minutes=args.dist_timeout)  # rank 0 may write a large checkpoint while the rest wait
     if torchrun:

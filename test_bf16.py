@@ -1,11 +1,10 @@
 """bf16 is exact where it must be, whatever the minibatch; every end-of-sequence id ends a response; the GPU-only
-choices (the dtype --dtype auto picks, the device a lone process binds, the process-group timeout) checked on the CPU
-by monkeypatching torch.cuda and torch.distributed. Tiny models built from configs, saved and loaded back by path."""
+choices (the dtype --dtype auto picks, the process-group timeout) checked on the CPU by monkeypatching torch.cuda and
+torch.distributed (the device a process binds: test_cuda_paths.py). Tiny models built from configs, saved and loaded back by path."""
 
 import datetime
 import json
 import os
-from argparse import Namespace
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -183,15 +182,6 @@ def test_dtype_auto_is_bf16_only_where_native(native, cc, new_torch, want, monke
         M.run(args)
     first = capsys.readouterr().out.splitlines()[0]
     assert f"dtype {'bf16' if want == torch.bfloat16 else 'fp32'} (auto: Some GPU " in first
-
-
-def test_a_single_process_on_cuda_n_binds_that_device(monkeypatch):
-    """Otherwise the CUDA RNG state saved for resume is cuda:0's and pinned memory opens a context on GPU 0."""
-    bound = []
-    monkeypatch.setattr(torch.cuda, "set_device", bound.append)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    M.init_distributed(Namespace(device="cuda:1", fsdp=False, dist_timeout=60.0))
-    assert bound == ["cuda:1"]
 
 
 def test_process_group_timeout_comes_from_the_flag(monkeypatch):

@@ -5,6 +5,7 @@ checkpoint is the sharded model's weights, loadable by from_pretrained in one pr
 NCCL, bf16 mixed precision and real multi-GPU runs are not exercised here (no GPU on the test machine).
 """
 
+import ctypes
 import json
 import os
 import subprocess
@@ -218,3 +219,41 @@ def test_sharded_load_reads_the_checkpoint_on_rank_0_only_and_equals_from_pretra
                 assert torch.allclose(r["logits"][name, frozen], ref, atol=1e-5, rtol=0), (name, frozen)
             assert r0["report"][name, frozen] == r1["report"][name, frozen] == dict(
                 tied=tied, root_sharded=frozen, training=False, grad=not frozen), (name, frozen)
+
+
+MMAP_PROBE = """import ctypes, sys
+import minillm as M
+libc = ctypes.CDLL("libc.so.6")
+class Info(ctypes.Structure):  # glibc's struct mallinfo2; hblks: blocks that came from mmap
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc.mallinfo2.restype, libc.malloc.restype, libc.free.argtypes = Info, ctypes.c_void_p, [ctypes.c_void_p]
+def mmapped(n):
+    libc.free(libc.malloc(8 << 20))  # a large free: glibc's dynamic threshold rises to 8 MB
+    before = libc.mallinfo2().hblks
+    p = libc.malloc(n)
+    after = libc.mallinfo2().hblks
+    libc.free(p)
+    return after - before
+M.init_distributed(M.parse_args(sys.argv[1:]))
+print(mmapped(1 << 20))
+"""
+
+
+def glibc_mallinfo2():
+    try:
+        return hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not glibc_mallinfo2(), reason="glibc's malloc (2.33 or later, for mallinfo2) only")
+@pytest.mark.parametrize("flags, after", [(["--fsdp"], 1), ([], 0)])
+def test_fsdp_on_the_cpu_gives_freed_buffers_back_with_no_environment_variable(flags, after):
+    """After a large free glibc serves a 1 MB block from its heap, where freed memory stays in the process (each
+    rank then held 0.96-1.11x of one process's memory); --fsdp on the CPU fixes the mmap threshold itself, so the
+    block is mmapped and given back when freed. A run without --fsdp keeps glibc's default."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    res = subprocess.run([sys.executable, "-c", MMAP_PROBE, "--device", "cpu", *flags], env=dict(env, PYTHONPATH=str(HERE)),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == [str(after)]

@@ -3,7 +3,8 @@
   that step (inside a rollout collection: the rest of it, buffer and minibatch queue), exit status 75; the rerun
   ends bitwise equal to the uninterrupted run, on one process and on two (gloo), where the ranks stop together;
 - SIGKILL at any instant, inside a checkpoint write too, leaves a checkpoint that resumes to the same end;
-- a write that fails (full disk) ends every rank in one line, status 2, the previous checkpoint and model intact.
+- a write that fails (full disk) ends every rank in one line, status 2, the previous checkpoint and model intact;
+- after a power loss a name points to whole data: every file is fsynced before its rename, the folder after.
 
 Signals are real (os.kill); runs go through `minillm.main` in this process, or in forked children (no new imports)
 for the two ranks and the SIGKILLs. The tiny run: student SFT 4 steps (3 per epoch), MiniLLM 4 steps (2 per
@@ -349,3 +350,72 @@ def test_a_resumed_log_keeps_its_lines_on_disk_before_the_first_new_step(tmp_pat
     assert log.read_text() == '{"step": 1}\n{"step": 2}\n' and logger.lines == 2
     logger.log(step=3)
     assert log.read_text().splitlines()[-1] == '{"step": 3}'
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. Power loss: a rename is only as durable as the data it names and the folder that holds it.
+
+@pytest.fixture
+def disk_log(monkeypatch):
+    """The real os.fsync and os.replace, each call recorded in order: ("fsync", (device, inode) of the fd), or
+    ("replace", destination). An inode survives a rename, so a file synced under its temporary name is recognised."""
+    events, fsync, replace = [], os.fsync, os.replace
+
+    def spy_fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync", (st.st_dev, st.st_ino)))
+        fsync(fd)
+
+    def spy_replace(src, dst):
+        events.append(("replace", Path(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "replace", spy_replace)
+    return events
+
+
+def inode(p):
+    st = os.stat(p)
+    return st.st_dev, st.st_ino
+
+
+def synced(events, until=None, since=0):
+    return {x for kind, x in events[since:until] if kind == "fsync"}
+
+
+def test_a_checkpoint_is_on_the_disk_before_its_name_and_its_rename_before_the_previous_one_goes(tmp_path, disk_log):
+    """Every file of the resume checkpoint (rollout buffer included) and the folder itself are fsynced before the
+    folder is renamed into place; the parent folder after, so that the renames are on the disk too before ckpt.old
+    is deleted. Else a power loss could leave ckpt/ naming empty files and no ckpt.old to fall back to."""
+    from test_minillm import tiny_gpt2
+    model = tiny_gpt2(20, 0)
+    opt = torch.optim.AdamW(model.parameters())
+    ckpt = tmp_path / "ckpt"
+    M.save_train_state(ckpt, model, opt, M.rng_state(), step=1)
+    disk_log.clear()
+    rollouts = dict(buf={"tokens": torch.arange(6).view(2, 3)}, queue=[[1, 0]])
+    M.save_train_state(ckpt, model, opt, M.rng_state(), rollouts=rollouts, step=2)  # over a previous checkpoint
+    i = disk_log.index(("replace", ckpt))
+    written = list(ckpt.rglob("*")) + [ckpt]
+    assert {"model.safetensors", "optimizer.pt", "state.pt", "rollouts0.pt"} <= {p.name for p in written}
+    assert {inode(p) for p in written} <= synced(disk_log, until=i)
+    assert inode(tmp_path) in synced(disk_log, since=i)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # ckpt.old deleted, after that
+
+
+def test_a_saved_model_and_a_small_file_are_on_the_disk_before_their_names(tmp_path, disk_log):
+    """save_checkpoint moves each file in with its own rename: each one fsynced before, the stage folder after.
+    write_atomic (args.json, done.json, the rollout logs) the same for its one file."""
+    from test_minillm import tiny_gpt2, word_tokenizer
+    tok = word_tokenizer()
+    M.save_checkpoint(tiny_gpt2(len(tok), 0), tok, tmp_path)
+    renamed = [(j, dst) for j, (kind, dst) in enumerate(disk_log) if kind == "replace"]
+    assert {dst.name for _, dst in renamed} >= {"model.safetensors", "config.json", "tokenizer.json"}
+    for j, dst in renamed:
+        assert inode(dst) in synced(disk_log, until=j), dst.name
+    assert inode(tmp_path) in synced(disk_log, since=renamed[-1][0])
+    disk_log.clear()
+    M.write_atomic(tmp_path / "done.json", "{}")
+    assert disk_log == [("fsync", inode(tmp_path / "done.json")), ("replace", tmp_path / "done.json"),
+                        ("fsync", inode(tmp_path))]
