@@ -1676,9 +1676,17 @@ class Decoder:
         return out.logits.float()
 
     def replay(self, n):
-        """Graph mode: run(self.ids[:, :n]) replayed from its graph, captured on first use."""
+        """Graph mode: run(self.ids[:, :n]) replayed from its graph, captured on first use. A model whose forward
+        cannot be captured (it reads a tensor on the host, say) decodes statically from then on, and says why."""
         if n not in self.graphs:
-            self.graphs[n] = self.capture(n)
+            try:
+                self.graphs[n] = self.capture(n)
+            except RuntimeError as e:
+                torch.cuda.synchronize()
+                print(f"--decode graph: {type(self.model).__name__} decodes statically, without graphs: its forward "
+                      f"could not be captured ({str(e).splitlines()[0]})", file=sys.stderr)
+                self.mode, self.graphs = "static", {}
+                return self.run(self.ids[:, :n])
         graph, out = self.graphs[n]
         graph.replay()
         return out
