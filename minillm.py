@@ -491,7 +491,7 @@ def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_ids, pad_id, 
         coins = torch.rand(N, generator=generator, device=generator.device if generator else device) < alpha
     coins = [bool(c) for c in coins]
     dec_s = decoder(student, prompt_ids, prompt_mask, N, decode, width)  # KV caches and forwards (plumbing)
-    dec_t = decoder(teacher, prompt_ids, prompt_mask, N, decode, width)
+    dec_t = decoder(teacher, prompt_ids, prompt_mask, N, decode, width, role="teacher")
     check = 1 if dec_s.mode == dec_t.mode == "eager" else CHECK_EVERY
     done = torch.zeros(B, dtype=torch.bool, device=device)
     rec = {k: [] for k in ["tokens", "mask", "logp_student", "logp_teacher", "logp_mix", "kl", "top1"]}
@@ -1547,7 +1547,7 @@ DECODE_MODES = ("auto", "eager", "static", "graph")
 PENDING_BYTES = 2 ** 30  # sample_rollouts: student log-probs (fp32) waiting for the teacher's catch-up, at most
 CHECK_EVERY = 8  # static and graph decoding: tokens between two checks that every row has ended (a host sync)
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # graph mode: forward lengths with a graph of their own (longer: static, unreplayed)
-_decoders = {}  # graph mode: (model, mode, B, slots) -> Decoder, kept for a collection (release_decoders)
+_decoders = {}  # graph mode: (role, model, B, slots) -> Decoder, kept for a collection (release_decoders)
 
 
 def decode_mode(requested, device):
@@ -1579,7 +1579,7 @@ def static_unsupported(model, length, mode):
     return None
 
 
-def decoder(model, prompt_ids, prompt_mask, max_new_tokens, mode="eager", width=None):
+def decoder(model, prompt_ids, prompt_mask, max_new_tokens, mode="eager", width=None, role="student"):
     """A Decoder for this batch. width: the prompt is left-padded to this many slots (graph mode: the collection's
     longest prompt, so that every batch of a collection replays the same graphs). A model that cannot decode
     statically decodes eagerly, and says why once."""
@@ -1594,7 +1594,7 @@ def decoder(model, prompt_ids, prompt_mask, max_new_tokens, mode="eager", width=
         mode = "eager"
     if mode != "graph":
         return Decoder(model, prompt_ids, prompt_mask, slots, mode, width)
-    key = (id(model), prompt_ids.shape[0], slots)
+    key = (role, id(model), prompt_ids.shape[0], slots)  # role: one model may be both teacher and student
     if key not in _decoders:
         _decoders[key] = Decoder(model, prompt_ids, prompt_mask, slots, mode, width)
     return _decoders[key].start(prompt_ids, prompt_mask)
