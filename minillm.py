@@ -1547,7 +1547,7 @@ DECODE_MODES = ("auto", "eager", "static", "graph")
 PENDING_BYTES = 2 ** 30  # sample_rollouts: student log-probs (fp32) waiting for the teacher's catch-up, at most
 CHECK_EVERY = 8  # static and graph decoding: tokens between two checks that every row has ended (a host sync)
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # graph mode: forward lengths with a graph of their own (longer: static, unreplayed)
-_decoders = {}  # graph mode: (role, model, B, slots) -> Decoder, kept for a collection (release_decoders)
+_decoders = {}  # static and graph: (role, model, mode, B, slots) -> Decoder, kept for a collection (release_decoders)
 
 
 def decode_mode(requested, device):
@@ -1580,9 +1580,10 @@ def static_unsupported(model, length, mode):
 
 
 def decoder(model, prompt_ids, prompt_mask, max_new_tokens, mode="eager", width=None, role="student"):
-    """A Decoder for this batch. width: the prompt is left-padded to this many slots (graph mode: the collection's
-    longest prompt, so that every batch of a collection replays the same graphs). A model that cannot decode
-    statically decodes eagerly, and says why once."""
+    """A Decoder for this batch. Static and graph decoders are kept and restarted for every batch of the same shape
+    until release_decoders (the end of a collection): their caches are allocated once, their graphs captured once.
+    width: the prompt is left-padded to this many slots (in a collection: its longest prompt, so that all its batches
+    share one decoder). A model that cannot decode statically decodes eagerly, and says why once."""
     model = unwrap(model)
     width = max(width or 0, prompt_ids.shape[1])
     slots = width + max_new_tokens + BUCKETS[-1] - 1  # a forward padded to its bucket writes past the last token
@@ -1592,10 +1593,10 @@ def decoder(model, prompt_ids, prompt_mask, max_new_tokens, mode="eager", width=
             _warned.add((id(model), why))
             print(f"--decode {mode}: {type(model).__name__} decodes eagerly: {why}", file=sys.stderr)
         mode = "eager"
-    if mode != "graph":
+    if mode == "eager":
         return Decoder(model, prompt_ids, prompt_mask, slots, mode, width)
-    key = (role, id(model), prompt_ids.shape[0], slots)  # role: one model may be both teacher and student
-    if key not in _decoders:
+    key = (role, id(model), mode, prompt_ids.shape[0], slots)  # role: one model may be both teacher and student
+    if key not in _decoders:  # (it holds the model: the id cannot be another model's while the entry lives)
         _decoders[key] = Decoder(model, prompt_ids, prompt_mask, slots, mode, width)
     return _decoders[key].start(prompt_ids, prompt_mask)
 
@@ -1604,7 +1605,7 @@ _warned = set()
 
 
 def release_decoders():
-    """Free graph mode's caches and graphs (collect_rollouts: at the end of each collection, so that the training
+    """Free the static caches and the graphs (collect_rollouts: at the end of each collection, so that the training
     steps in between have that memory)."""
     _decoders.clear()
 
@@ -1743,7 +1744,7 @@ def slot_cache(model, pos, slots):
             self.is_initialized = True
 
         def update(self, k, v, *args, **kwargs):
-            if not self.is_initialized:
+            if not self.is_initialized or self.keys.dtype != k.dtype:  # (a reused decoder, another autocast dtype)
                 self.lazy_initialization(k, v)
             at = pos + torch.arange(k.shape[-2], device=pos.device)
             self.keys.index_copy_(2, at, k)

@@ -111,3 +111,21 @@ def test_decode_modes_by_device():
     with pytest.raises(SystemExit):
         M.parse_args(["--device", "cpu", "--decode", "graph"])
     assert M.parse_args(["--device", "cpu"]).decode == "auto"
+
+
+def test_a_kept_decoder_restarted_on_new_prompts_decodes_them_as_a_fresh_one():
+    """Static (and graph) decoders are kept from one batch to the next of a collection and restarted in place, the
+    last batch's keys and values still in their slots: the next batch's rollouts are still the eager ones."""
+    student, teacher = pair("llama")
+    M.release_decoders()
+    ids, attn = left_padded_batch()
+    other = ids.flip(0), attn.flip(0)  # the same shape, other rows (the decoders are kept per shape)
+    kept = [M.sample_rollouts(student, teacher, i, a, torch.tensor([3]), 0, 24, 0.2, generator=torch.Generator().manual_seed(7),
+                              decode="static") for i, a in [(ids, attn), other]]
+    assert len(M._decoders) == 2  # one for the teacher, one for the student, reused
+    eager = M.sample_rollouts(student, teacher, *other, torch.tensor([3]), 0, 24, 0.2,
+                              generator=torch.Generator().manual_seed(7), decode="eager")
+    M.release_decoders()
+    assert not M._decoders
+    for k in KEYS:
+        torch.testing.assert_close(kept[1][k].float(), eager[k].float(), atol=1e-5, rtol=0, msg=k)
