@@ -756,7 +756,7 @@ def collect_rollouts(student, teacher, prompts, args, eos_ids, pad_id, dtype, ge
     if store is None:
         store = teacher_store(args, len(prompts), n_logits(teacher), dtype)
     coin_gen = torch.Generator().manual_seed(args.seed if coin_seed is None else coin_seed)  # on the CPU: any device agrees
-    chunks, eos_tensor = [], torch.tensor(sorted(eos_ids), device=args.device)
+    chunks, eos_tensor, kept = [], torch.tensor(sorted(eos_ids), device=args.device), set(_decoders)
     width = max(len(p) for p in prompts)  # graph decoding: every batch in the same slots, replaying the same graphs
     for i in range(0, len(prompts), args.gen_batch_size):
         ids, attn = (x.to(args.device) for x in collate_prompts(prompts[i:i + args.gen_batch_size], pad_id))
@@ -768,7 +768,7 @@ def collect_rollouts(student, teacher, prompts, args, eos_ids, pad_id, dtype, ge
         roll.pop("teacher_logits", None)  # already in `store`
         roll["prompt_ids"], roll["prompt_mask"] = ids, attn
         chunks.append(roll)
-    release_decoders()  # the caches and graphs: the training steps until the next collection need that memory
+    release_decoders(kept)  # its caches and graphs: the training steps until the next collection need that memory
     buf = concat_rollouts(chunks, pad_id)
     if store is not None:  # a view; columns past a chunk's length hold finite leftovers, masked like all padding
         buf["teacher_logits"] = store[:len(prompts), :buf["mask"].shape[1]]
@@ -1604,10 +1604,11 @@ def decoder(model, prompt_ids, prompt_mask, max_new_tokens, mode="eager", width=
 _warned = set()
 
 
-def release_decoders():
-    """Free the static caches and the graphs (collect_rollouts: at the end of each collection, so that the training
-    steps in between have that memory)."""
-    _decoders.clear()
+def release_decoders(kept=()):
+    """Free the static caches and the graphs, but those of the decoders in `kept` (collect_rollouts: those it found,
+    at the end of each collection, so that the training steps in between have that memory)."""
+    for key in set(_decoders) - set(kept):
+        del _decoders[key]
 
 
 class Decoder:
