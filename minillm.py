@@ -479,8 +479,7 @@ def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_ids, pad_id, 
     without a coin is pure computation and changes no draw.
     Tempered or filtered mixtures (τ ≠ 1, top-k, top-p) filter α·p + (1-α)·q_θ as a whole, which is no coin
     flip: there the teacher runs at every position, as a per-token sampler (`coins` is ignored).
-    decode: how both models run their forwards (eager, static or graph: the same numbers; decoder, in the plumbing).
-    """
+    decode: how both models run their forwards (eager, static or graph: the same numbers; decoder, in the plumbing)."""
     assert not student.training and not teacher.training, "sampling runs both models in eval mode (no dropout)"
     B, N, device = prompt_ids.shape[0], max_new_tokens, prompt_ids.device
     eos_ids = torch.as_tensor(eos_ids, device=device).reshape(-1)  # every end id (1-D)
@@ -490,8 +489,10 @@ def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_ids, pad_id, 
     elif coins is None:
         coins = torch.rand(N, generator=generator, device=generator.device if generator else device) < alpha
     coins = [bool(c) for c in coins]
-    dec_s = decoder(student, prompt_ids, prompt_mask, N, decode, width)  # KV caches and forwards (plumbing)
-    dec_t = decoder(teacher, prompt_ids, prompt_mask, N, decode, width, role="teacher")
+    # every draw's uniform, now: a batch uses N·B of the stream, however late decoding stops (CHECK_EVERY)
+    u = torch.rand(N, B, 1, dtype=torch.float64, generator=generator, device=generator.device if generator else device).to(device)
+    dec_s, dec_t = (decoder(m, prompt_ids, prompt_mask, N, decode, width, role) for m, role in  # caches, forwards
+                    [(student, "student"), (teacher, "teacher")])
     check = 1 if dec_s.mode == dec_t.mode == "eager" else CHECK_EVERY
     done = torch.zeros(B, dtype=torch.bool, device=device)
     rec = {k: [] for k in ["tokens", "mask", "logp_student", "logp_teacher", "logp_mix", "kl", "top1"]}
@@ -528,10 +529,10 @@ def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_ids, pad_id, 
             if not plain:
                 q_tau, p_tau = torch.softmax(zs / temperature, -1), torch.softmax(logp / temperature, -1)
                 mix = filter_probs(alpha * p_tau + (1 - alpha) * q_tau, top_k, top_p)
-                y = draw(mix, generator)  # (B,)
+                y = draw(mix, u=u[t])  # (B,)
                 rec["logp_mix"].append(mix.gather(-1, y[:, None]).squeeze(-1).log())
             else:
-                y = draw(logp.exp() if coins[t] else logq.exp(), generator)  # the coin says which model draws y_t
+                y = draw(logp.exp() if coins[t] else logq.exp(), u=u[t])  # the coin says which model draws y_t
             ys.append(y)
             live = ~done
             rec["tokens"].append(torch.where(live, y, torch.full_like(y, pad_id)))
@@ -1373,12 +1374,14 @@ def filter_probs(probs, top_k=0, top_p=1.0):
     return probs / probs.sum(-1, keepdim=True)
 
 
-def draw(probs, generator=None):
+def draw(probs, generator=None, u=None):
     """One token per row of a (B, V) distribution, by inverse CDF: one uniform per row, exact (float64 CDF, no
-    rounding bias). torch.multinomial draws V exponentials per row instead: ~10 ms per token at (8, 50257) on
-    one CPU core, a third of the sampling time of small models."""
+    rounding bias); u: those uniforms (B, 1) float64 if already drawn. torch.multinomial draws V exponentials per
+    row instead: ~10 ms per token at (8, 50257) on one CPU core, a third of the sampling time of small models."""
     cdf = probs.cumsum(-1, dtype=torch.float64)  # (B, V)
-    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator) * cdf[:, -1:]
+    if u is None:
+        u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator)
+    u = u * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)  # first v: cdf_v > u
 
 

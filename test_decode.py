@@ -16,7 +16,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 KEYS = ["tokens", "mask", "logp_student", "logp_teacher", "logp_mix", "w", "kl", "top1", "teacher_logits"]
 
 
-def pair(name, window=64):
+def pair(name, window=64, device="cpu"):
     """A tiny teacher and student of `name`'s architecture, fp32 heads, flat enough and EOS (id 3) likely enough
     that rows end at different steps. Gemma 2's sliding window is set to `window`."""
     models = []
@@ -26,7 +26,7 @@ def pair(name, window=64):
             m.get_output_embeddings().weight.div_(10.0)  # family() sharpens by 30: rows would loop and never end
         if name == "gemma2":
             m.config.sliding_window = window
-        models.append(boost_eos(M.fp32_head(m), 3, 3.0))
+        models.append(boost_eos(M.fp32_head(m.to(device)), 3, 3.0))
     return models
 
 
@@ -129,3 +129,29 @@ def test_a_kept_decoder_restarted_on_new_prompts_decodes_them_as_a_fresh_one():
     assert not M._decoders
     for k in KEYS:
         torch.testing.assert_close(kept[1][k].float(), eager[k].float(), atol=1e-5, rtol=0, msg=k)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (gpu_check.py runs this test there)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_decoding_replays_static_decoding_on_cuda(dtype):
+    """On a GPU: the graph path replays exactly the static path's forwards, so the same seed gives the same tokens
+    and the same recorded tensors (fp32 and bf16), and, in fp32, the eager ones to 1e-4. Twice in a row, so that the
+    second batch replays graphs captured on the first."""
+    student, teacher = pair("llama", device="cuda")
+    if dtype == torch.bfloat16:
+        teacher.to(dtype)
+    ids, attn = (x.cuda() for x in left_padded_batch())
+    out = {}
+    for decode in ("static", "graph", "eager"):
+        M.release_decoders()
+        for _ in range(2):
+            out[decode] = M.sample_rollouts(student, teacher, ids, attn, torch.tensor([3]), 0, 24, 0.2, dtype=dtype,
+                                            generator=torch.Generator("cuda").manual_seed(7), decode=decode)
+        if decode == "graph":  # both models captured (no fall-back to static), the student's step among them
+            assert [d.mode for d in M._decoders.values()] == ["graph", "graph"]
+            assert all(d.graphs for d in M._decoders.values()) and 1 in next(iter(M._decoders.values())).graphs
+    for k in KEYS:
+        torch.testing.assert_close(out["graph"][k].float(), out["static"][k].float(), atol=1e-5, rtol=0, msg=k)
+        if dtype == torch.float32:
+            torch.testing.assert_close(out["graph"][k].float(), out["eager"][k].float(), atol=1e-4, rtol=0, msg=k)
+    M.release_decoders()

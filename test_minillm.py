@@ -92,7 +92,7 @@ def loss_args(**kw):
 def boost_eos(model, eos_id, by):
     """Raise the EOS logit by `by` (a hook on the LM head, so sampling and every later forward see it): sampled
     responses then end at EOS at different steps, and a batch holds right-padded responses."""
-    bias = torch.zeros(model.get_output_embeddings().weight.shape[0])
+    bias = torch.zeros(model.get_output_embeddings().weight.shape[0], device=model.get_output_embeddings().weight.device)
     bias[eos_id] = by
     model.get_output_embeddings().register_forward_hook(lambda mod, inp, out: out + bias.to(out.dtype))
     return model
