@@ -1,7 +1,7 @@
 """
 The MiniLLM demo: the whole story on a laptop CPU, offline, in minutes.
 
-    python demo.py            # every method and one held-out table: 2 min 32 s wall on an idle 2-core CPU machine
+    python demo.py            # every method and one held-out table: 2 min 7 s wall on an idle 2-core CPU machine
     python demo.py --quick    # a shortened run, for CI: under a minute on the same machine
 
 (Times measured with `time python demo.py` on the project's 2-core CPU machine with nothing else running.)
