@@ -493,7 +493,7 @@ def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_ids, pad_id, 
     u = torch.rand(N, B, 1, dtype=torch.float64, generator=generator, device=generator.device if generator else device).to(device)
     dec_s, dec_t = (decoder(m, prompt_ids, prompt_mask, N, decode, width, role) for m, role in  # caches, forwards
                     [(student, "student"), (teacher, "teacher")])
-    check = 1 if dec_s.mode == dec_t.mode == "eager" else CHECK_EVERY
+    check = 1 if dec_s.mode == dec_t.mode == "eager" else CHECK_EVERY  # tokens between two checks for the end
     done = torch.zeros(B, dtype=torch.bool, device=device)
     rec = {k: [] for k in ["tokens", "mask", "logp_student", "logp_teacher", "logp_mix", "kl", "top1"]}
     ys, pending, argmax_s, start = [], [], [], 0  # pending: log q_θ (B, V) at positions start.. the teacher has not reached
@@ -751,8 +751,7 @@ def collect_rollouts(student, teacher, prompts, args, eos_ids, pad_id, dtype, ge
     eos_ids: every token id that ends a response (end_ids). store: teacher_store()'s buffer, reused from one
     collection to the next (allocated here if None). minibatches: the row lists the loss will train on (bf16: log
     q_old is recomputed in their micro-batches); default: the rows in order, --batch-size at a time.
-    coin_seed: seeds the teacher/student coins (sample_rollouts), the same on every rank (default --seed);
-    `generator` (one per rank) draws the tokens."""
+    coin_seed: seeds the coins (sample_rollouts), the same on every rank (default --seed); `generator`, one per rank, the tokens."""
     student.eval()
     if store is None:
         store = teacher_store(args, len(prompts), n_logits(teacher), dtype)
