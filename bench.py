@@ -674,23 +674,26 @@ def memory_plan(teacher, student, vocab, rollouts=256, prompt=256, new=256, gen_
     """Peak GPU memory of one rank, computed from shapes (bytes), for each --teacher-logits mode, with the paper's
     sizes. Weights: teacher bf16 (2 B/param); student fp32 weights + grads + AdamW moments (16 B/param) + the bf16
     copies autocast makes (2 B/param). Sampling: both KV caches (bf16) for gen_batch rows, static: sized once for
-    prompt + new tokens + the padding of the longest bucketed forward (M.BUCKETS); the student's log-probs waiting
+    prompt + new tokens; the student's log-probs waiting
     for the teacher's catch-up (fp32, at most M.PENDING_BYTES); the catch-up's fp32 logits and log-probs over as
-    many positions. The rollout buffer: the teacher's log-probs, rollouts × new × vocab × 2 B. The loss: about six
+    many positions; graph mode's outputs, the teacher's fp32 logits (gen_batch, n, vocab) of every bucket length n,
+    kept by their graphs. The rollout buffer: the teacher's log-probs, rollouts × new × vocab × 2 B. The loss: about six
     fp32 (micro, new, vocab) tensors alive at once (logits, log q, q, the teacher's log p, two gradients)."""
     weights = 2 * teacher["params"] + 18 * student["params"]
-    slots = prompt + new + M.BUCKETS[-1] - 1
+    slots = prompt + new  # padded forwards share the last slot (minillm's Decoder)
     kv = sum(2 * m["layers"] * m["kv"] * slots * gen_batch * 2 for m in (teacher, student))
     pending = min(M.PENDING_BYTES, gen_batch * new * vocab * 4)
     catch_up = 2 * pending  # logits and log-softmax over the positions pending
-    sampling = kv + pending + catch_up
+    graph_outputs = sum(M.BUCKETS) * gen_batch * vocab * 4
+    sampling = kv + pending + catch_up + graph_outputs
     loss = 6 * micro * new * vocab * 4
     buffer = rollouts * new * vocab * 2
     plan = {}
     for mode in ["keep", "offload", "recompute"]:
         on_gpu = buffer if mode == "keep" else micro * new * vocab * 2 if mode == "offload" else 0
         plan[mode] = dict(gpu=weights + max(sampling, loss) + on_gpu, cpu_pinned=buffer if mode == "offload" else 0)
-    return dict(weights=weights, kv_cache=kv, pending_logprobs=pending, catch_up_logits=catch_up, sampling=sampling,
+    return dict(weights=weights, kv_cache=kv, pending_logprobs=pending, catch_up_logits=catch_up,
+                graph_outputs=graph_outputs, sampling=sampling,
                 loss_logits=loss, teacher_logprob_buffer=buffer, modes=plan)
 
 

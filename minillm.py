@@ -1543,13 +1543,14 @@ def new_cache(model):
 # A slot is a position of the sequence (the left-padded prompt, then the response); a row's attention reaches the
 # real slots at or before its own; position ids count real tokens only, as position_ids_from. A forward of L new
 # tokens (L <= 64, after the prompt) runs padded to the next bucket length, so that a few graphs serve every
-# catch-up; the padding's slots lie past the real ones and are overwritten before any query can see them.
+# catch-up; the padding's slots lie past the real ones (overwritten before any query can see them), and past the
+# end all padding shares the last slot, which no real token takes: the last token y_N is fed to neither model.
 
 DECODE_MODES = ("auto", "eager", "static", "graph")
 PENDING_BYTES = 2 ** 30  # sample_rollouts: student log-probs (fp32) waiting for the teacher's catch-up, at most
 CHECK_EVERY = 8  # static and graph decoding: tokens between two checks that every row has ended (a host sync)
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # graph mode: forward lengths with a graph of their own (longer: static, unreplayed)
-_decoders = {}  # static and graph: (role, model, mode, B, slots) -> Decoder, kept for a collection (release_decoders)
+_decoders = {}  # static and graph: (role, model, mode, B, slots, autocast) -> Decoder, kept for a collection
 
 
 def decode_mode(requested, device):
@@ -1588,7 +1589,7 @@ def decoder(model, prompt_ids, prompt_mask, max_new_tokens, mode="eager", width=
     share one decoder). A model that cannot decode statically decodes eagerly, and says why once."""
     model = unwrap(model)
     width = max(width or 0, prompt_ids.shape[1])
-    slots = width + max_new_tokens + BUCKETS[-1] - 1  # a forward padded to its bucket writes past the last token
+    slots = width + max_new_tokens  # the last slot is never a real token's (y_N is fed to no model): padding's
     why = static_unsupported(model, width + max_new_tokens, mode) if mode != "eager" else None
     if why:
         if (id(model), why) not in _warned:
@@ -1597,8 +1598,12 @@ def decoder(model, prompt_ids, prompt_mask, max_new_tokens, mode="eager", width=
         mode = "eager"
     if mode == "eager":
         return Decoder(model, prompt_ids, prompt_mask, slots, mode, width)
-    key = (role, id(model), mode, prompt_ids.shape[0], slots)  # role: one model may be both teacher and student
+    device = prompt_ids.device.type  # the cache's dtype follows the autocast: part of the key
+    amp = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    key = (role, id(model), mode, prompt_ids.shape[0], slots, amp)  # role: one model may be teacher and student
     if key not in _decoders:  # (it holds the model: the id cannot be another model's while the entry lives)
+        for other in [k for k in _decoders if k[:2] == key[:2]]:  # another shape (a collection's smaller last
+            del _decoders[other]  # batch): one cache per model at a time
         _decoders[key] = Decoder(model, prompt_ids, prompt_mask, slots, mode, width)
     return _decoders[key].start(prompt_ids, prompt_mask)
 
@@ -1620,7 +1625,7 @@ class Decoder:
 
     def __init__(self, model, prompt_ids, prompt_mask, slots, mode, width):
         self.model, self.mode, self.slots, self.width = model, mode, slots, width
-        self.graphs, self.pool = {}, None
+        self.graphs, self.pool, self.side = {}, None, None
         B, device = prompt_ids.shape[0], prompt_ids.device
         if mode == "eager":
             self.attn = torch.cat([prompt_mask, prompt_mask.new_ones(B, slots - prompt_mask.shape[1])], 1)  # once
@@ -1668,7 +1673,7 @@ class Decoder:
     def run(self, ids, keep=0):
         """The static forward over ids (B, L) at slots pos..pos+L-1, reading pos on the device only."""
         L = ids.shape[1]
-        q = self.pos + self.slot[:L]  # (L,) the slots of the new tokens
+        q = (self.pos + self.slot[:L]).clamp(max=self.slots - 1)  # (L,) the new tokens' slots (padding: the last)
         see = (self.attn[:, None, :] & (self.slot <= q[:, None])) | (self.slot == q[:, None])  # (B, L, slots)
         # (a pad slot sees itself: a row of -inf would give NaN keys that even a masked product carries forward)
         mask = see[:, None] if self.additive is None else \
@@ -1683,12 +1688,15 @@ class Decoder:
         """Graph mode: run(self.ids[:, :n]) replayed from its graph, captured on first use. A model whose forward
         cannot be captured (it reads a tensor on the host, say) decodes statically from then on, and says why."""
         if n not in self.graphs:
+            stream = torch.cuda.current_stream()
             try:
                 self.graphs[n] = self.capture(n)
-            except RuntimeError as e:
+            except RuntimeError as e:  # torch.cuda.graph leaves its capture stream current when the capture fails
+                torch.cuda.set_stream(stream)
                 torch.cuda.synchronize()
+                why = (str(e.__context__ or e).strip().splitlines() or [type(e).__name__])[0]  # the cause, not "capture failed"
                 print(f"--decode graph: {type(self.model).__name__} decodes statically, without graphs: its forward "
-                      f"could not be captured ({str(e).splitlines()[0]})", file=sys.stderr)
+                      f"could not be captured ({why})", file=sys.stderr)
                 self.mode, self.graphs = "static", {}
                 return self.run(self.ids[:, :n])
         graph, out = self.graphs[n]
@@ -1699,14 +1707,15 @@ class Decoder:
         """Capture run(ids[:, :n]) as a CUDA graph. Warm-up runs first, on a side stream as PyTorch's recipe asks;
         they write their keys and values past the filled slots, which the real forwards overwrite. Weight casts
         (autocast's bf16 copies, the LM head's split) happen inside the graph: a cast cached outside it would be
-        freed at the end of its autocast region while the graph still read it."""
+        freed at the end of its autocast region while the graph still read it. The buckets' graphs share one memory
+        pool, so a graph's output is valid until the next replay of this decoder: the sampler consumes each first."""
         global _head_casts
         ids, saved = self.ids[:, :n], _head_casts
         _head_casts = None
         amp = torch.is_autocast_enabled("cuda")
         try:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
-                side = torch.cuda.Stream()
+                side = self.side = self.side or torch.cuda.Stream()  # warm-ups off the main stream, as torch asks
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
                     for _ in range(2):
@@ -1747,9 +1756,9 @@ def slot_cache(model, pos, slots):
             self.is_initialized = True
 
         def update(self, k, v, *args, **kwargs):
-            if not self.is_initialized or self.keys.dtype != k.dtype:  # (a reused decoder, another autocast dtype)
+            if not self.is_initialized:  # at the prompt's forward, before any graph is captured
                 self.lazy_initialization(k, v)
-            at = pos + torch.arange(k.shape[-2], device=pos.device)
+            at = (pos + torch.arange(k.shape[-2], device=pos.device)).clamp(max=slots - 1)  # as Decoder.run
             self.keys.index_copy_(2, at, k)
             self.values.index_copy_(2, at, v)
             return self.keys, self.values

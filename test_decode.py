@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+from transformers import GPT2Config, GPT2LMHeadModel
+
 import minillm as M
 from test_families import family
 from test_minillm import boost_eos, tiny_gpt2
@@ -54,6 +56,24 @@ def test_static_decoding_equals_eager(name, alpha):
     for k in KEYS:
         assert eager[k].shape == static[k].shape, k
         torch.testing.assert_close(static[k].float(), eager[k].float(), atol=1e-5, rtol=0, msg=k)
+
+
+def test_padded_forwards_stay_inside_a_learned_position_table():
+    """GPT-2's positions are a table of n_positions rows. A catch-up padded to its bucket runs past the last real
+    token; with prompt + response = n_positions exactly, its padding would index past the table and the cache (on a
+    GPU: a device-side assert that ends the process). Padding past the end shares the last slot, which no real token
+    takes, and its position: the rollouts are the eager ones."""
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=40, n_positions=32, n_embd=16, n_layer=1, n_head=2)
+    student, teacher = (M.fp32_head(GPT2LMHeadModel(cfg).eval()) for _ in range(2))
+    ids, attn = torch.randint(2, 40, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+    coins = torch.zeros(24, dtype=torch.bool)
+    coins[2] = True  # the teacher's last catch-up: 21 positions, padded to 32
+    out = [M.sample_rollouts(student, teacher, ids, attn, torch.tensor([99]), 0, 24, 0.5, coins=coins,
+                             generator=torch.Generator().manual_seed(1), decode=d) for d in ("eager", "static")]
+    assert out[0]["tokens"].shape == (2, 24)
+    for k in KEYS:
+        torch.testing.assert_close(out[1][k].float(), out[0][k].float(), atol=1e-5, rtol=0, msg=k)
 
 
 def test_static_sample_model_equals_eager():
