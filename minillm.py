@@ -1602,8 +1602,8 @@ def decoder(model, prompt_ids, prompt_mask, max_new_tokens, mode="eager", width=
     amp = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     key = (role, id(model), mode, prompt_ids.shape[0], slots, amp)  # role: one model may be teacher and student
     if key not in _decoders:  # (it holds the model: the id cannot be another model's while the entry lives)
-        for other in [k for k in _decoders if k[:2] == key[:2]]:  # another shape (a collection's smaller last
-            del _decoders[other]  # batch): one cache per model at a time
+        for other in [k for k in _decoders if k[:3] == key[:3]]:  # another shape (a collection's smaller last
+            del _decoders[other]  # batch): one cache per model and mode at a time
         _decoders[key] = Decoder(model, prompt_ids, prompt_mask, slots, mode, width)
     return _decoders[key].start(prompt_ids, prompt_mask)
 
