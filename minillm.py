@@ -511,7 +511,7 @@ def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_ids, pad_id, 
         return start + L
 
     # One autocast region for the whole loop: autocast caches the bf16 copies of the student's fp32 weights for
-    # as long as the region lasts, so they are cast once per rollout batch, not once per token.
+    # as long as the region lasts, so they are cast once per rollout batch, not per token (a CUDA graph: per replay).
     with autocast(device, dtype):  # the prompt's last position only: the LM head over the prompt is wasted work
         zs = dec_s(None, keep=1)[:, -1]  # (B, V)
         V = zs.shape[-1]
