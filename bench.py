@@ -228,16 +228,15 @@ def sampling_jobs(student, teacher, ids, attn, sh, device, dtype, calls=None, ba
         def run():
             if cold:  # a first collection: graph mode captures its graphs again
                 M.release_decoders()
-            held = set(M._decoders)
             handle = None if calls is None or decode != "eager" else teacher.register_forward_pre_hook(
                 lambda *_: calls.update(teacher=calls["teacher"] + 1))  # graph replays call no forward
-            roll = M.sample_rollouts(student, teacher, ids, attn, eos, FakeTokenizer.pad_token_id, N,
-                                     alpha=0.2, dtype=dtype, keep_teacher_logits=True, generator=gen, decode=decode)
+            # static: its caches go (nothing to capture), and the graph rows keep theirs, warm
+            with M.own_decoders() if decode == "static" else contextlib.nullcontext():
+                roll = M.sample_rollouts(student, teacher, ids, attn, eos, FakeTokenizer.pad_token_id, N, alpha=0.2,
+                                         dtype=dtype, keep_teacher_logits=True, generator=gen, decode=decode)
             if handle is not None:
                 handle.remove()
                 calls["positions"] += roll["tokens"].shape[1]
-            if decode == "static":  # its caches go (nothing to capture): the graph rows keep theirs, warm
-                M.release_decoders(held)
         return run
 
     # sample_ours: what minillm.py runs (--decode auto: graph on CUDA, eager on the CPU), its decoders kept from one

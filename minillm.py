@@ -756,19 +756,19 @@ def collect_rollouts(student, teacher, prompts, args, eos_ids, pad_id, dtype, ge
     if store is None:
         store = teacher_store(args, len(prompts), n_logits(teacher), dtype)
     coin_gen = torch.Generator().manual_seed(args.seed if coin_seed is None else coin_seed)  # on the CPU: any device agrees
-    chunks, eos_tensor, kept = [], torch.tensor(sorted(eos_ids), device=args.device), set(_decoders)
+    chunks, eos_tensor = [], torch.tensor(sorted(eos_ids), device=args.device)
     width = max(len(p) for p in prompts)  # graph decoding: every batch in the same slots, replaying the same graphs
-    for i in range(0, len(prompts), args.gen_batch_size):
-        ids, attn = (x.to(args.device) for x in collate_prompts(prompts[i:i + args.gen_batch_size], pad_id))
-        coins = torch.rand(args.max_new_tokens, generator=coin_gen) < args.alpha  # c_t = 1: y_t is drawn from p
-        roll = sample_rollouts(student, teacher, ids, attn, eos_tensor, pad_id, args.max_new_tokens, args.alpha,
-                               args.temperature, args.top_p, args.top_k, dtype, keep_teacher_logits=store is not None,
-                               generator=generator, teacher_out=None if store is None else store[i:i + len(ids)],
-                               coins=coins, decode=decode_mode(args.decode, args.device), width=width)
-        roll.pop("teacher_logits", None)  # already in `store`
-        roll["prompt_ids"], roll["prompt_mask"] = ids, attn
-        chunks.append(roll)
-    release_decoders(kept)  # its caches and graphs: the training steps until the next collection need that memory
+    with own_decoders():  # graph and static decoding: their caches are freed for the training steps
+        for i in range(0, len(prompts), args.gen_batch_size):
+            ids, attn = (x.to(args.device) for x in collate_prompts(prompts[i:i + args.gen_batch_size], pad_id))
+            coins = torch.rand(args.max_new_tokens, generator=coin_gen) < args.alpha  # c_t = 1: y_t is drawn from p
+            roll = sample_rollouts(student, teacher, ids, attn, eos_tensor, pad_id, args.max_new_tokens, args.alpha,
+                                   args.temperature, args.top_p, args.top_k, dtype, keep_teacher_logits=store is not None,
+                                   generator=generator, teacher_out=None if store is None else store[i:i + len(ids)],
+                                   coins=coins, decode=decode_mode(args.decode, args.device), width=width)
+            roll.pop("teacher_logits", None)  # already in `store`
+            roll["prompt_ids"], roll["prompt_mask"] = ids, attn
+            chunks.append(roll)
     buf = concat_rollouts(chunks, pad_id)
     if store is not None:  # a view; columns past a chunk's length hold finite leftovers, masked like all padding
         buf["teacher_logits"] = store[:len(prompts), :buf["mask"].shape[1]]
@@ -1564,8 +1564,8 @@ def static_unsupported(model, length, mode):
     """Why `model` cannot decode `length` positions (prompt + response) from a static cache (None: it can). Our 4-D mask is what
     transformers' eager and sdpa attention take; a sliding window shorter than the sequence would need its own
     mask; a sharded model's forward is a collective."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    impl = getattr(cfg, "_attn_implementation", None) or "eager"
+    cfg = model.config.get_text_config()
+    impl = attention_of(model)
     if impl not in ("eager", "sdpa"):
         return f"its attention is {impl} (static decoding builds the 4-D masks that eager and sdpa take)"
     kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
@@ -1580,6 +1580,11 @@ def static_unsupported(model, length, mode):
     if mode == "graph" and next(model.parameters()).device.type != "cuda":
         return "CUDA graphs need a CUDA device"
     return None
+
+
+def attention_of(model):
+    """transformers' attention implementation of the model: eager, sdpa, flash_attention_2, ..."""
+    return getattr(model.config.get_text_config(), "_attn_implementation", None) or "eager"
 
 
 def decoder(model, prompt_ids, prompt_mask, max_new_tokens, mode="eager", width=None, role="student"):
@@ -1612,10 +1617,20 @@ _warned = set()
 
 
 def release_decoders(kept=()):
-    """Free the static caches and the graphs, but those of the decoders in `kept` (collect_rollouts: those it found,
-    at the end of each collection, so that the training steps in between have that memory)."""
+    """Free the static caches and the graphs, but those of the decoders in `kept`."""
     for key in set(_decoders) - set(kept):
         del _decoders[key]
+
+
+@contextmanager
+def own_decoders():
+    """The static caches and graphs made in the block are freed at its end, those made before it kept
+    (collect_rollouts: a collection's, so that the training steps until the next one have that memory)."""
+    kept = set(_decoders)
+    try:
+        yield
+    finally:
+        release_decoders(kept)
 
 
 class Decoder:
@@ -1629,16 +1644,15 @@ class Decoder:
         B, device = prompt_ids.shape[0], prompt_ids.device
         if mode == "eager":
             self.attn = torch.cat([prompt_mask, prompt_mask.new_ones(B, slots - prompt_mask.shape[1])], 1)  # once
-            self.cache, self.n, self.prompt = new_cache(model), 0, prompt_ids
+            self.cache, self.filled, self.prompt = new_cache(model), 0, prompt_ids
             return
         self.pos = torch.zeros((), dtype=torch.long, device=device)  # slots filled: where the next token goes
-        self.slot = torch.arange(slots, device=device)
+        self.slot = torch.arange(slots, device=device)  # (slots,): which slots a query may see
         self.attn = torch.zeros(B, slots, dtype=torch.bool, device=device)
         self.positions = torch.zeros(B, slots, dtype=torch.long, device=device)
         self.ids = torch.zeros(B, BUCKETS[-1], dtype=torch.long, device=device)  # graph inputs, padded to their length
         self.cache = slot_cache(model, self.pos, slots)
-        impl = getattr(model.config, "_attn_implementation", None) or "eager"
-        self.additive = None if impl == "sdpa" else model.get_input_embeddings().weight.dtype  # eager adds its mask
+        self.additive = None if attention_of(model) == "sdpa" else model.get_input_embeddings().weight.dtype  # eager adds it
         self.start(prompt_ids, prompt_mask)
 
     def start(self, prompt_ids, prompt_mask):
@@ -1649,16 +1663,16 @@ class Decoder:
         self.attn.copy_(torch.cat([prompt_mask.new_zeros(prompt_mask.shape[0], pad), prompt_mask,
                                    prompt_mask.new_ones(prompt_mask.shape[0], self.slots - P - pad)], 1).bool())
         self.positions.copy_(position_ids_from(self.attn.long()))
-        self.filled = 0  # the same count as self.pos, on the host: the next forward knows its slots without a sync
+        self.filled = 0  # slots filled, on the host too: the next forward knows its shapes without a sync
         return self
 
     def __call__(self, new_ids, keep):
-        first = (self.n if self.mode == "eager" else self.filled) == 0
+        first = self.filled == 0
         ids = new_ids if not first else self.prompt if new_ids is None else torch.cat([self.prompt, new_ids], 1)
         L = ids.shape[1]
         if self.mode == "eager":
-            logits = forward(self.model, ids, self.attn[:, :self.n + L], self.cache, logits_to_keep=keep)
-            self.n += L
+            logits = forward(self.model, ids, self.attn[:, :self.filled + L], self.cache, logits_to_keep=keep)
+            self.filled += L
             return logits.float()
         if first or L > BUCKETS[-1]:  # the prompt, or a long catch-up: once per batch at most, shapes vary
             logits = self.run(ids, keep)
@@ -1672,8 +1686,7 @@ class Decoder:
 
     def run(self, ids, keep=0):
         """The static forward over ids (B, L) at slots pos..pos+L-1, reading pos on the device only."""
-        L = ids.shape[1]
-        q = (self.pos + self.slot[:L]).clamp(max=self.slots - 1)  # (L,) the new tokens' slots (padding: the last)
+        q = new_slots(self.pos, ids.shape[1], self.slots)  # (L,)
         see = (self.attn[:, None, :] & (self.slot <= q[:, None])) | (self.slot == q[:, None])  # (B, L, slots)
         # (a pad slot sees itself: a row of -inf would give NaN keys that even a masked product carries forward)
         mask = see[:, None] if self.additive is None else \
@@ -1742,6 +1755,11 @@ def cache_argument(model):
 _cache_argument = {}
 
 
+def new_slots(pos, L, slots):
+    """The slots of L new tokens: pos, pos+1, ...; a padded forward's padding past the end shares the last slot."""
+    return (pos + torch.arange(L, device=pos.device)).clamp(max=slots - 1)
+
+
 def slot_cache(model, pos, slots):
     """transformers' static cache with one change: every layer writes the new keys and values at slots pos.. given
     by our device tensor `pos` (transformers' StaticLayer keeps a write position of its own, which a padded graph
@@ -1758,7 +1776,7 @@ def slot_cache(model, pos, slots):
         def update(self, k, v, *args, **kwargs):
             if not self.is_initialized:  # at the prompt's forward, before any graph is captured
                 self.lazy_initialization(k, v)
-            at = (pos + torch.arange(k.shape[-2], device=pos.device)).clamp(max=slots - 1)  # as Decoder.run
+            at = new_slots(pos, k.shape[-2], slots)  # where Decoder.run's mask and positions put them
             self.keys.index_copy_(2, at, k)
             self.values.index_copy_(2, at, v)
             return self.keys, self.values
@@ -1766,8 +1784,7 @@ def slot_cache(model, pos, slots):
         def get_seq_length(self):
             return pos
 
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return Cache(layers=[SlotLayer(max_cache_len=slots) for _ in range(cfg.num_hidden_layers)])
+    return Cache(layers=[SlotLayer(max_cache_len=slots) for _ in range(model.config.get_text_config().num_hidden_layers)])
 
 
 def store_dtype(dtype):
