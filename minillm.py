@@ -488,7 +488,7 @@ def sample_rollouts(student, teacher, prompt_ids, prompt_mask, eos_ids, pad_id, 
         coins = [True] * N  # the filtered mixture needs both distributions at every position
     elif coins is None:
         coins = torch.rand(N, generator=generator, device=generator.device if generator else device) < alpha
-    coins = [bool(c) for c in coins]
+    coins = torch.as_tensor(coins, dtype=torch.bool).tolist()  # on the host, in one read
     # every draw's uniform, now: a batch uses N·B of the stream, however late decoding stops (CHECK_EVERY)
     u = torch.rand(N, B, 1, dtype=torch.float64, generator=generator, device=generator.device if generator else device).to(device)
     dec_s, dec_t = (decoder(m, prompt_ids, prompt_mask, N, decode, width, role) for m, role in  # caches, forwards

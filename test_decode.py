@@ -3,9 +3,11 @@ GPU replays from CUDA graphs (graph mode runs the very same padded forwards, cap
 prove its numbers; only the capture and replay themselves need a GPU (gpu_check.py runs them)."""
 
 import os
+from collections import Counter
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -149,6 +151,73 @@ def test_a_kept_decoder_restarted_on_new_prompts_decodes_them_as_a_fresh_one():
     assert not M._decoders
     for k in KEYS:
         torch.testing.assert_close(kept[1][k].float(), eager[k].float(), atol=1e-5, rtol=0, msg=k)
+
+
+class HostTraffic(TorchDispatchMode):
+    """Counts the operators that a CUDA graph cannot capture, each of which also makes the host wait for the device:
+    reading a tensor's value on the host (.item(), bool(), int(), torch.arange(tensor): _local_scalar_dense), an
+    output whose shape depends on the values (nonzero), and a tensor made from host data (torch.tensor(...):
+    lift_fresh, a copy to the device). Real tensors on the CPU, seen at the dispatcher, as on a GPU."""
+    OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::is_nonzero", "aten::equal",
+           "aten::lift_fresh"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in self.OPS:
+            self.ops[func._schema.name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_host_traffic_sees_what_a_graph_cannot_capture():
+    """The spy itself: each way of reading or making a tensor on the host is counted, and device-side work is not."""
+    pos, x = torch.tensor(3), torch.ones(4)
+    with HostTraffic() as spy:
+        torch.arange(5) + x.sum()  # device work only
+        assert not spy.ops
+        torch.arange(pos, pos + 2), bool(x.all()), x.nonzero(), torch.tensor([1, 2])
+    assert spy.ops == {"aten::_local_scalar_dense": 3, "aten::nonzero": 1, "aten::lift_fresh": 1}
+
+
+@pytest.mark.parametrize("name", ["gpt2", "opt", "llama", "qwen2", "gemma2"])
+def test_the_forward_a_graph_captures_reads_nothing_on_the_host(name):
+    """Graph mode captures Decoder.run on a bucket length. A forward that read a tensor on the host (transformers
+    computing cache positions from the cache's length, say) could not be captured, and graph mode would fall back to
+    static decoding for the whole run: after the prompt, each family's static forward, the fp32 head included, does
+    none of HostTraffic's operators, however many tokens it runs."""
+    student, _ = pair(name)
+    ids, attn = left_padded_batch()
+    dec = M.Decoder(M.unwrap(student), ids, attn, ids.shape[1] + 24, "static", ids.shape[1])
+    dec(None, keep=1)  # the prompt: allocates the cache (it may read what it likes: it is never captured)
+    for n in (1, 4):
+        dec.ids[:, :n] = 5
+        with HostTraffic() as spy:
+            logits = dec.run(dec.ids[:, :n])
+        assert not spy.ops, (n, spy.ops)
+        assert logits.shape == (4, n, 300) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.2])
+def test_static_sampling_waits_for_the_device_once_per_few_tokens(alpha):
+    """No host-device synchronisation inside the decode loop: over N = 40 tokens that no row ends early, the static
+    sampler reads the device on the host once per CHECK_EVERY tokens and once at the end (to trim), against eager's
+    reads at every token (its end check and transformers' own, in every forward)."""
+    student, teacher = pair("gpt2")
+    ids, attn = left_padded_batch()
+    eos, N, reads = torch.tensor([299]), 40, {}  # 299: a token these models never draw
+    for decode in ("eager", "static"):
+        M.release_decoders()
+        coins = torch.rand(N, generator=torch.Generator().manual_seed(5)) < alpha
+        with HostTraffic() as spy:
+            out = M.sample_rollouts(student, teacher, ids, attn, eos, 0, N, alpha, coins=coins,
+                                    generator=torch.Generator().manual_seed(7), decode=decode)
+        assert out["mask"].all()  # nobody ended: every check came back "not yet"
+        reads[decode] = spy.ops["aten::_local_scalar_dense"] + spy.ops["aten::nonzero"]
+    M.release_decoders()
+    assert reads["static"] <= N // M.CHECK_EVERY + 2, reads  # 4 end checks (t = 7, 15, 23, 31), the trim (nonzero, int)
+    assert reads["eager"] >= N, reads
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (gpu_check.py runs this test there)")
