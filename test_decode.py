@@ -4,6 +4,7 @@ prove its numbers; only the capture and replay themselves need a GPU (gpu_check.
 
 import os
 from collections import Counter
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -218,6 +219,142 @@ def test_static_sampling_waits_for_the_device_once_per_few_tokens(alpha):
     M.release_decoders()
     assert reads["static"] <= N // M.CHECK_EVERY + 2, reads  # 4 end checks (t = 7, 15, 23, 31), the trim (nonzero, int)
     assert reads["eager"] >= N, reads
+
+
+# ---------------------------------------------------------------------------------------------------
+# Graph mode's own code (Decoder.capture, replay, the fall-back) under the semantics of a CUDA graph, on the CPU.
+# A CUDA graph records the kernels of one run, with the addresses they read and write, and a replay launches the
+# same kernels on the same addresses: whatever the run decided on the host (a shape, an index held in a Python int)
+# is frozen at capture, and every tensor made inside the capture keeps its memory. CPUGraph does that at torch's
+# dispatcher: capture records every operator with its argument tensors and its outputs; replay runs the operators
+# again, in order, on those same tensors (reading their current values), and writes each result into the recorded
+# output. Reading a tensor on the host during capture raises, as CUDA refuses it. This is a model of graph
+# semantics for our bookkeeping (what is captured, which buffers a replay reads, slicing, restarts); the real capture
+# and replay run on a GPU (test_graph_decoding_replays_static_decoding_on_cuda).
+
+class CPUGraph:
+    """torch.cuda.CUDAGraph's part that Decoder uses: replay()."""
+
+    def __init__(self):
+        self.ops = []
+
+    @torch.no_grad()
+    def replay(self):  # the recorded operators are those autocast chose: not to be cast again (a GPU replays kernels)
+        for func, args, kwargs, out in self.ops:
+            with torch.autocast("cpu", enabled=False):
+                new = func(*args, **kwargs)
+            for o, n in zip(*(x if isinstance(x, (tuple, list)) else [x] for x in (out, new))):
+                if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() != n.untyped_storage().data_ptr():
+                    o.copy_(n)  # into the memory the later operators read (a view or an in-place op: already there)
+
+
+class Capture(TorchDispatchMode):
+    """torch.cuda.graph(g, pool=...): record into g.ops; a host read is refused, as CUDA refuses it mid-capture."""
+
+    def __init__(self, graph, pool=None, **kw):
+        super().__init__()
+        self.graph = graph
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in HostTraffic.OPS:
+            raise RuntimeError(f"operation not permitted when stream is capturing ({func._schema.name})")
+        out = func(*args, **(kwargs or {}))
+        self.graph.ops.append((func, args, kwargs or {}, out))
+        return out
+
+
+class Stream:
+    def wait_stream(self, other):
+        pass
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    """torch.cuda's graph and stream calls that Decoder.capture and replay make, as CPUGraph and Capture; and graph
+    mode allowed off CUDA. Yields the graphs captured."""
+    made = []
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: made.append(CPUGraph()) or made[-1])
+    monkeypatch.setattr(torch.cuda, "graph", Capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    supported = M.static_unsupported
+    monkeypatch.setattr(M, "static_unsupported", lambda model, n, mode: supported(model, n, "static"))
+    M.release_decoders()
+    yield made
+    M.release_decoders()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "gemma2"])
+@pytest.mark.parametrize("alpha", [0.2, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_mode_replays_static_decoding_under_graph_semantics(cpu_graphs, monkeypatch, name, alpha, dtype):
+    """Graph mode over 24 tokens, catch-ups padded to their bucket, its graphs captured on a first batch and replayed
+    on a second batch of other prompts (the decoders restarted in place) after an in-place update of the student's weights (what an optimizer step does),
+    gives static decoding's tokens and every recorded tensor, bitwise, in fp32 and under bf16 autocast (fp32 student,
+    bf16 teacher): each replay reads the step's tokens, the write position, the masks and the weights from the
+    tensors the graph was captured on, nothing frozen at capture, and casts the student's weights again (a cast
+    cached outside the graph would be the old weights'). At most one graph per bucket length and model, each captured
+    once (the second batch may need a bucket the first did not), and every forward after the prompt replayed."""
+    student, teacher = pair(name)
+    teacher.to(dtype)
+    ids, attn = left_padded_batch()
+    long = dict(eos=299, max_chunk=3)  # no row ends (24 tokens), catch-ups of 3 run padded to 4
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    out, runs, run = {}, [], M.Decoder.run
+    monkeypatch.setattr(M.Decoder, "run", lambda self, *a, **kw: runs.append(self.mode) or run(self, *a, **kw))
+    for decode in ("static", "graph"):
+        M.release_decoders()
+        student.load_state_dict(start)
+        out[decode] = [rollouts_of(student, teacher, ids, attn, alpha, decode, dtype, **long)]
+        captured = len(cpu_graphs)
+        with torch.no_grad():
+            for p in student.parameters():  # a step of the student's optimizer, in place
+                p.mul_(1.01)
+        out[decode].append(rollouts_of(student, teacher, ids.flip(0), attn.flip(0), alpha, decode, dtype, **long))
+        if decode == "graph":
+            decs = list(M._decoders.values())
+            assert [d.mode for d in decs] == ["graph", "graph"]  # no fall-back
+            assert all(set(d.graphs) <= set(M.BUCKETS) for d in decs) and 1 in decs[1].graphs  # the student's step
+            assert captured >= 2 and len(cpu_graphs) == sum(len(d.graphs) for d in decs)  # each captured once
+            assert runs.count("graph") == 2 * 2 + 3 * len(cpu_graphs)  # prompts, 2 warm-ups and a capture: no more
+    assert not torch.equal(out["static"][1]["logp_student"], out["static"][0]["logp_student"].flip(0))  # it moved
+    for first, second in zip(out["static"], out["graph"]):
+        for k in KEYS:
+            assert torch.equal(first[k], second[k]), k
+
+
+def rollouts_of(student, teacher, ids, attn, alpha, decode, dtype=torch.float32, n=24, eos=3, max_chunk=None):
+    coins = torch.rand(n, generator=torch.Generator().manual_seed(5)) < alpha
+    return M.sample_rollouts(student, teacher, ids, attn, torch.tensor([eos]), 0, n, alpha, coins=coins, dtype=dtype,
+                             generator=torch.Generator().manual_seed(7), decode=decode, width=ids.shape[1],
+                             max_chunk=max_chunk)
+
+
+def test_a_forward_that_cannot_be_captured_decodes_statically(cpu_graphs, monkeypatch, capsys):
+    """A model whose forward reads a tensor on the host cannot be captured: graph mode says so once, decodes that
+    model statically from then on, and the rollouts are static decoding's."""
+    student, teacher = pair("llama")
+    block = teacher.model.layers[0]
+    forward = block.forward
+
+    def reads_on_the_host(hidden, *a, **kw):
+        hidden.abs().max().item()  # a value on the host: a check, a log line
+        return forward(hidden, *a, **kw)
+    monkeypatch.setattr(block, "forward", reads_on_the_host)
+    ids, attn = left_padded_batch()
+    static = rollouts_of(student, teacher, ids, attn, 0.2, "static")
+    M.release_decoders()
+    graph = rollouts_of(student, teacher, ids, attn, 0.2, "graph")
+    assert sorted(d.mode for d in M._decoders.values()) == ["graph", "static"]  # the student's still graphed
+    err = capsys.readouterr().err
+    assert err.count("decodes statically, without graphs: its forward could not be captured "
+                     "(operation not permitted when stream is capturing") == 1
+    for k in KEYS:
+        assert torch.equal(static[k], graph[k]), k
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (gpu_check.py runs this test there)")
