@@ -233,13 +233,19 @@ def test_static_sampling_waits_for_the_device_once_per_few_tokens(alpha):
 # and replay run on a GPU (test_graph_decoding_replays_static_decoding_on_cuda).
 
 class CPUGraph:
-    """torch.cuda.CUDAGraph's part that Decoder uses: replay()."""
+    """torch.cuda.CUDAGraph's part that Decoder uses: replay(). Graphs captured into one pool share memory: a replay
+    may overwrite what another graph of the pool computed, its output included (Decoder's contract: an output is
+    valid until the next replay of its decoder). Modelled by filling the fresh floating-point tensors of every other
+    graph of the pool with NaN at each replay: an output read late reads NaN."""
 
-    def __init__(self):
-        self.ops = []
+    def __init__(self, graphs):
+        self.ops, self.pool, self.graphs = [], None, graphs  # graphs: every CPUGraph made
 
     @torch.no_grad()
     def replay(self):  # the recorded operators are those autocast chose: not to be cast again (a GPU replays kernels)
+        for other in self.graphs:
+            if other is not self and other.pool is self.pool:
+                other.overwritten()
         for func, args, kwargs, out in self.ops:
             with torch.autocast("cpu", enabled=False):
                 new = func(*args, **kwargs)
@@ -247,13 +253,20 @@ class CPUGraph:
                 if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() != n.untyped_storage().data_ptr():
                     o.copy_(n)  # into the memory the later operators read (a view or an in-place op: already there)
 
+    def overwritten(self):
+        for func, args, kwargs, out in self.ops:
+            if all(r.alias_info is None for r in func._schema.returns):  # made in the capture: in the pool's memory
+                for o in out if isinstance(out, (tuple, list)) else [out]:
+                    if isinstance(o, torch.Tensor) and o.is_floating_point():
+                        o.fill_(float("nan"))
+
 
 class Capture(TorchDispatchMode):
     """torch.cuda.graph(g, pool=...): record into g.ops; a host read is refused, as CUDA refuses it mid-capture."""
 
     def __init__(self, graph, pool=None, **kw):
         super().__init__()
-        self.graph = graph
+        self.graph, graph.pool = graph, pool
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func._schema.name in HostTraffic.OPS:
@@ -273,7 +286,7 @@ def cpu_graphs(monkeypatch):
     """torch.cuda's graph and stream calls that Decoder.capture and replay make, as CPUGraph and Capture; and graph
     mode allowed off CUDA. Yields the graphs captured."""
     made = []
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: made.append(CPUGraph()) or made[-1])
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: made.append(CPUGraph(made)) or made[-1])
     monkeypatch.setattr(torch.cuda, "graph", Capture)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
@@ -325,6 +338,22 @@ def test_graph_mode_replays_static_decoding_under_graph_semantics(cpu_graphs, mo
     for first, second in zip(out["static"], out["graph"]):
         for k in KEYS:
             assert torch.equal(first[k], second[k]), k
+
+
+def test_graph_mode_replays_a_filtered_mixture(cpu_graphs):
+    """τ ≠ 1 and top-k: the per-token sampler reads the student's logits again after the teacher's forward at every
+    position. Each decoder captures into a pool of its own, so the teacher's replays cannot overwrite the student's
+    output (CPUGraph fills what another graph of the pool computed with NaN at each replay): static's rollouts."""
+    student, teacher = pair("llama")
+    ids, attn = left_padded_batch()
+    out = {}
+    for decode in ("static", "graph"):
+        M.release_decoders()
+        out[decode] = M.sample_rollouts(student, teacher, ids, attn, torch.tensor([299]), 0, 16, 0.2, temperature=0.9,
+                                        top_k=5, generator=torch.Generator().manual_seed(7), decode=decode)
+    assert [d.mode for d in M._decoders.values()] == ["graph", "graph"] and len(cpu_graphs) == 2
+    for k in KEYS:
+        assert torch.equal(out["static"][k], out["graph"][k]), k
 
 
 def rollouts_of(student, teacher, ids, attn, alpha, decode, dtype=torch.float32, n=24, eos=3, max_chunk=None):
