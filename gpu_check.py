@@ -268,12 +268,27 @@ def run_worker(a, step, runs, tokens=False):
         except subprocess.TimeoutExpired:
             code = None
     info = {"exit_code": code, "process_s": time.time() - t0,
-            "runs": json.loads(result.read_text()) if result.exists() else []}
+            "runs": json.loads(result.read_text()) if result.exists() else [],
+            "decode_fallbacks": decode_fallbacks(folder / "stderr.log")}
     if code is None:
         info["error"] = f"killed after {timeout} s (gpu_check's time limit for this step)"
     if code != 0:
         info.update(stderr_tail=tail(folder / "stderr.log"), stdout_tail=tail(folder / "stdout.log", 10))
     return info
+
+
+def decode_fallbacks(path):
+    """minillm's lines saying that a model decodes more slowly than --decode asked (a model it cannot decode
+    statically, a forward it cannot capture as a CUDA graph), each once: a GPU figure taken without graphs is not the
+    graph path's."""
+    lines = Path(path).read_text(errors="replace").splitlines() if Path(path).exists() else []
+    return list(dict.fromkeys(ln for ln in lines if ln.startswith("--decode ") and " decodes " in ln))
+
+
+def graph_held(a, w):
+    """The check that CUDA graphs decoded every model, on a GPU with a minillm that has them (else no check)."""
+    cuda = a.device.startswith("cuda") and "graph" in (decode_choices() or [])
+    return {"every model decoded from CUDA graphs (no --decode fall-back line)": not w["decode_fallbacks"]} if cuda else {}
 
 
 def time_limit(a, step):
@@ -402,7 +417,7 @@ def cli(a, ctx):
     run = (w["runs"] or [{}])[0]
     first, warm = (coll + [{}, {}])[:2]
     res = {**verdict({"minillm ran (exit status 0)": w["exit_code"] == 0, "2 collections logged": len(coll) == 2,
-                      "finite losses": finite(rows)}),
+                      "finite losses": finite(rows), **graph_held(a, w)}),
            "command": "python minillm.py " + " ".join(argv), "decode": decode_default(), "prompts": size[0],
            "new_tokens": size[1], "first_collection_s": first.get("seconds"), "warm_collection_s": warm.get("seconds"),
            "first_collection_tok_s": first.get("sample_tok_s"), "warm_collection_tok_s": warm.get("sample_tok_s"),
@@ -458,7 +473,7 @@ def decode(a, ctx):
     runs = [{"name": m, "argv": user_argv(a, ctx, root / m, size, 2, "--decode", m)} for m in names]
     w = run_worker(a, "decode", runs, tokens=True)
     done = {r["name"]: r for r in w["runs"]}
-    per, checks = {}, {"minillm ran (exit status 0)": w["exit_code"] == 0}
+    per, checks = {}, {"minillm ran (exit status 0)": w["exit_code"] == 0, **graph_held(a, w)}
     for m in names:
         rows = log_rows(root / m / "minillm")
         coll = collections(rows, size[0])

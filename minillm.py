@@ -58,6 +58,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # ----------------------------------------------------------------------------------------------------
 # Arguments. Defaults are the paper's (docs/paper.md §1, §3); --recipe lmops switches to the official code's.
@@ -1718,7 +1719,9 @@ class Decoder:
 
     def capture(self, n):
         """Capture run(ids[:, :n]) as a CUDA graph. Warm-up runs first, on a side stream as PyTorch's recipe asks;
-        they write their keys and values past the filled slots, which the real forwards overwrite. Weight casts
+        they write their keys and values past the filled slots, which the real forwards overwrite. The first one
+        runs under HostReads: a forward that would fail the capture is refused before it (a failed capture can leave
+        the allocator's graph pool behind) and decodes statically. Weight casts
         (autocast's bf16 copies, the LM head's split) happen inside the graph: a cast cached outside it would be
         freed at the end of its autocast region while the graph still read it. The buckets' graphs share one memory
         pool, so a graph's output is valid until the next replay of this decoder: the sampler consumes each first."""
@@ -1731,8 +1734,11 @@ class Decoder:
                 side = self.side = self.side or torch.cuda.Stream()  # warm-ups off the main stream, as torch asks
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
-                    for _ in range(2):
+                    with HostReads() as reads:
                         self.run(ids)
+                    if reads.seen:
+                        raise RuntimeError(f"it reads a tensor on the host: {reads.seen[0]}")
+                    self.run(ids)
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 self.pool = self.pool or torch.cuda.graph_pool_handle()
@@ -1741,6 +1747,31 @@ class Decoder:
         finally:
             _head_casts = saved
         return graph, out
+
+
+class HostReads(TorchDispatchMode):
+    """Records, at torch's dispatcher, the operators of a block that a CUDA graph cannot capture, each of which makes
+    the host wait for the device: a tensor's value read on the host (.item(), bool(), int(), torch.arange(tensor)),
+    an output whose shape depends on the values (nonzero, a boolean index, unique, repeat_interleave by a tensor),
+    and a copy between the host and the device (.cpu(), .tolist() of a GPU tensor, a host tensor moved to the GPU)."""
+    READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::is_nonzero", "aten::equal",
+             "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name, tensors = func._schema.name, [a for a in args if isinstance(a, torch.Tensor)]
+        if (name in self.READS
+                or name == "aten::index" and any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+                or name == "aten::repeat_interleave" and func._overloadname != "self_int" and kwargs.get("output_size") is None
+                or name in ("aten::_to_copy", "aten::copy_") and isinstance(out, torch.Tensor)
+                and {t.device.type == "cpu" for t in tensors + [out]} == {True, False}):
+            self.seen.append(name)
+        return out
 
 
 def cache_argument(model):

@@ -8,7 +8,6 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -154,32 +153,45 @@ def test_a_kept_decoder_restarted_on_new_prompts_decodes_them_as_a_fresh_one():
         torch.testing.assert_close(kept[1][k].float(), eager[k].float(), atol=1e-5, rtol=0, msg=k)
 
 
-class HostTraffic(TorchDispatchMode):
-    """Counts the operators that a CUDA graph cannot capture, each of which also makes the host wait for the device:
-    reading a tensor's value on the host (.item(), bool(), int(), torch.arange(tensor): _local_scalar_dense), an
-    output whose shape depends on the values (nonzero), and a tensor made from host data (torch.tensor(...):
-    lift_fresh, a copy to the device). Real tensors on the CPU, seen at the dispatcher, as on a GPU."""
-    OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::is_nonzero", "aten::equal",
-           "aten::lift_fresh"}
+class HostTraffic(M.HostReads):
+    """minillm.HostReads (the operators a CUDA graph cannot capture, seen at torch's dispatcher: real tensors on the
+    CPU, as on a GPU), counted by name, and stricter by one: a tensor made from host data (torch.tensor(...),
+    lift_fresh), which on a GPU is a copy from the host unless it is a 0-dim scalar operand (the CPU cannot tell
+    these apart). A copy between host and device cannot be seen on the CPU: .cpu() and .tolist() read no device
+    there. Nothing is counted while `paused`."""
 
     def __init__(self):
         super().__init__()
-        self.ops = Counter()
+        self.paused = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func._schema.name in self.OPS:
-            self.ops[func._schema.name] += 1
-        return func(*args, **(kwargs or {}))
+        n = len(self.seen)
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if self.paused:
+            del self.seen[n:]
+        elif func._schema.name == "aten::lift_fresh":
+            self.seen.append("aten::lift_fresh")
+        return out
+
+    @property
+    def ops(self):
+        return Counter(self.seen)
 
 
 def test_host_traffic_sees_what_a_graph_cannot_capture():
-    """The spy itself: each way of reading or making a tensor on the host is counted, and device-side work is not."""
-    pos, x = torch.tensor(3), torch.ones(4)
+    """The spy itself: each way of reading or making a tensor on the host is counted, and device-side work is not
+    (arithmetic, integer indexing, repeat_interleave by an int)."""
+    pos, x = torch.tensor(3), torch.arange(6.0)
     with HostTraffic() as spy:
-        torch.arange(5) + x.sum()  # device work only
-        assert not spy.ops
-        torch.arange(pos, pos + 2), bool(x.all()), x.nonzero(), torch.tensor([1, 2])
-    assert spy.ops == {"aten::_local_scalar_dense": 3, "aten::nonzero": 1, "aten::lift_fresh": 1}
+        torch.arange(5) + x.sum(), x[x.long()[:2]], x.repeat_interleave(2)  # device work only
+        assert not spy.ops, spy.ops
+        torch.arange(pos, pos + 2), bool(x.all()), x.nonzero(), torch.tensor([1, 2]), x[x > 2], x.unique()
+        torch.repeat_interleave(x, x.long())
+    assert spy.ops == {"aten::_local_scalar_dense": 3, "aten::nonzero": 1, "aten::lift_fresh": 1, "aten::index": 1,
+                       "aten::_unique2": 1, "aten::repeat_interleave": 1}
+    with M.HostReads() as reads:  # a copy from the host to a device (meta stands for it here)
+        x.to("meta")
+    assert reads.seen == ["aten::_to_copy"]
 
 
 @pytest.mark.parametrize("name", ["gpt2", "opt", "llama", "qwen2", "gemma2"])
@@ -201,17 +213,28 @@ def test_the_forward_a_graph_captures_reads_nothing_on_the_host(name):
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.2])
-def test_static_sampling_waits_for_the_device_once_per_few_tokens(alpha):
+def test_static_sampling_waits_for_the_device_once_per_few_tokens(alpha, monkeypatch):
     """No host-device synchronisation inside the decode loop: over N = 40 tokens that no row ends early, the static
     sampler reads the device on the host once per CHECK_EVERY tokens and once at the end (to trim), against eager's
-    reads at every token (its end check and transformers' own, in every forward)."""
+    reads at every token (its end check and transformers' own, in every forward). The prompts' forwards are not
+    counted; on a GPU the coins' one .tolist() adds a read (the CPU's copy is no read)."""
     student, teacher = pair("gpt2")
     ids, attn = left_padded_batch()
     eos, N, reads = torch.tensor([299]), 40, {}  # 299: a token these models never draw
+    spy, call = HostTraffic(), M.Decoder.__call__
+
+    def uncounted_prompt(self, *a, **kw):  # the prompt's forward is never captured: it may read what it likes
+        spy.paused = self.filled == 0
+        try:
+            return call(self, *a, **kw)
+        finally:
+            spy.paused = False
+    monkeypatch.setattr(M.Decoder, "__call__", uncounted_prompt)
     for decode in ("eager", "static"):
         M.release_decoders()
         coins = torch.rand(N, generator=torch.Generator().manual_seed(5)) < alpha
-        with HostTraffic() as spy:
+        spy.seen.clear()
+        with spy:
             out = M.sample_rollouts(student, teacher, ids, attn, eos, 0, N, alpha, coins=coins,
                                     generator=torch.Generator().manual_seed(7), decode=decode)
         assert out["mask"].all()  # nobody ended: every check came back "not yet"
@@ -233,18 +256,19 @@ def test_static_sampling_waits_for_the_device_once_per_few_tokens(alpha):
 # and replay run on a GPU (test_graph_decoding_replays_static_decoding_on_cuda).
 
 class CPUGraph:
-    """torch.cuda.CUDAGraph's part that Decoder uses: replay(). Graphs captured into one pool share memory: a replay
-    may overwrite what another graph of the pool computed, its output included (Decoder's contract: an output is
-    valid until the next replay of its decoder). Modelled by filling the fresh floating-point tensors of every other
-    graph of the pool with NaN at each replay: an output read late reads NaN."""
+    """torch.cuda.CUDAGraph's part that Decoder uses: replay(). Graphs captured into one pool share memory: a graph
+    captured later may have been given what an earlier one freed (its intermediates; never a tensor still alive), so
+    a replay may overwrite whatever the graphs captured after it in the pool computed, their outputs included.
+    Modelled by filling the fresh floating-point tensors of those graphs with NaN at each replay: an output read after
+    such a replay reads NaN."""
 
     def __init__(self, graphs):
         self.ops, self.pool, self.graphs = [], None, graphs  # graphs: every CPUGraph made
 
     @torch.no_grad()
     def replay(self):  # the recorded operators are those autocast chose: not to be cast again (a GPU replays kernels)
-        for other in self.graphs:
-            if other is not self and other.pool is self.pool:
+        for other in self.graphs[self.graphs.index(self) + 1:]:  # captured after this one
+            if other.pool is self.pool:
                 other.overwritten()
         for func, args, kwargs, out in self.ops:
             with torch.autocast("cpu", enabled=False):
@@ -261,17 +285,18 @@ class CPUGraph:
                         o.fill_(float("nan"))
 
 
-class Capture(TorchDispatchMode):
-    """torch.cuda.graph(g, pool=...): record into g.ops; a host read is refused, as CUDA refuses it mid-capture."""
+class Capture(HostTraffic):
+    """torch.cuda.graph(g, pool=...): record into g.ops; what HostTraffic counts is refused, as CUDA refuses a host
+    read mid-capture."""
 
     def __init__(self, graph, pool=None, **kw):
         super().__init__()
         self.graph, graph.pool = graph, pool
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func._schema.name in HostTraffic.OPS:
-            raise RuntimeError(f"operation not permitted when stream is capturing ({func._schema.name})")
-        out = func(*args, **(kwargs or {}))
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if self.seen:
+            raise RuntimeError(f"operation not permitted when stream is capturing ({self.seen[0]})")
         self.graph.ops.append((func, args, kwargs or {}, out))
         return out
 
@@ -329,10 +354,10 @@ def test_graph_mode_replays_static_decoding_under_graph_semantics(cpu_graphs, mo
                 p.mul_(1.01)
         out[decode].append(rollouts_of(student, teacher, ids.flip(0), attn.flip(0), alpha, decode, dtype, **long))
         if decode == "graph":
-            decs = list(M._decoders.values())
-            assert [d.mode for d in decs] == ["graph", "graph"]  # no fall-back
-            assert all(set(d.graphs) <= set(M.BUCKETS) for d in decs) and 1 in decs[1].graphs  # the student's step
-            assert captured >= 2 and len(cpu_graphs) == sum(len(d.graphs) for d in decs)  # each captured once
+            decs = {key[0]: d for key, d in M._decoders.items()}  # role -> decoder
+            assert [d.mode for d in decs.values()] == ["graph", "graph"]  # no fall-back
+            assert all(set(d.graphs) <= set(M.BUCKETS) for d in decs.values()) and set(decs["student"].graphs) == {1}
+            assert captured >= 2 and len(cpu_graphs) == sum(len(d.graphs) for d in decs.values())  # each captured once
             assert runs.count("graph") == 2 * 2 + 3 * len(cpu_graphs)  # prompts, 2 warm-ups and a capture: no more
     assert not torch.equal(out["static"][1]["logp_student"], out["static"][0]["logp_student"].flip(0))  # it moved
     for first, second in zip(out["static"], out["graph"]):
@@ -341,9 +366,8 @@ def test_graph_mode_replays_static_decoding_under_graph_semantics(cpu_graphs, mo
 
 
 def test_graph_mode_replays_a_filtered_mixture(cpu_graphs):
-    """τ ≠ 1 and top-k: the per-token sampler reads the student's logits again after the teacher's forward at every
-    position. Each decoder captures into a pool of its own, so the teacher's replays cannot overwrite the student's
-    output (CPUGraph fills what another graph of the pool computed with NaN at each replay): static's rollouts."""
+    """τ ≠ 1 and top-k: the per-token sampler, the teacher at every position, reads the student's logits again
+    after the teacher's replay: static's rollouts, from two graphs (each model's one-token step)."""
     student, teacher = pair("llama")
     ids, attn = left_padded_batch()
     out = {}
@@ -363,25 +387,29 @@ def rollouts_of(student, teacher, ids, attn, alpha, decode, dtype=torch.float32,
                              max_chunk=max_chunk)
 
 
-def test_a_forward_that_cannot_be_captured_decodes_statically(cpu_graphs, monkeypatch, capsys):
-    """A model whose forward reads a tensor on the host cannot be captured: graph mode says so once, decodes that
-    model statically from then on, and the rollouts are static decoding's."""
+@pytest.mark.parametrize("host_work,why", [
+    (lambda h: h.abs().max().item(), "it reads a tensor on the host: aten::_local_scalar_dense"),  # seen in the warm-up
+    (lambda h: torch.tensor([0.5]), "operation not permitted when stream is capturing (aten::lift_fresh)")])  # by capture
+def test_a_forward_that_cannot_be_captured_decodes_statically(cpu_graphs, monkeypatch, capsys, host_work, why):
+    """A model whose forward reads a tensor on the host, or brings one from it, cannot be captured: graph mode says so
+    once and why, decodes that model statically from then on, and the rollouts are static decoding's. A read seen by
+    HostReads during the warm-up stops it before any capture; what HostReads lets through fails the capture, and the
+    capture's error is the reason given."""
     student, teacher = pair("llama")
     block = teacher.model.layers[0]
     forward = block.forward
 
-    def reads_on_the_host(hidden, *a, **kw):
-        hidden.abs().max().item()  # a value on the host: a check, a log line
+    def with_host_work(hidden, *a, **kw):  # a check, a log line, a constant built per call
+        host_work(hidden)
         return forward(hidden, *a, **kw)
-    monkeypatch.setattr(block, "forward", reads_on_the_host)
+    monkeypatch.setattr(block, "forward", with_host_work)
     ids, attn = left_padded_batch()
     static = rollouts_of(student, teacher, ids, attn, 0.2, "static")
     M.release_decoders()
     graph = rollouts_of(student, teacher, ids, attn, 0.2, "graph")
-    assert sorted(d.mode for d in M._decoders.values()) == ["graph", "static"]  # the student's still graphed
+    assert {key[0]: d.mode for key, d in M._decoders.items()} == {"student": "graph", "teacher": "static"}
     err = capsys.readouterr().err
-    assert err.count("decodes statically, without graphs: its forward could not be captured "
-                     "(operation not permitted when stream is capturing") == 1
+    assert err.count(f"decodes statically, without graphs: its forward could not be captured ({why})") == 1, err
     for k in KEYS:
         assert torch.equal(static[k], graph[k]), k
 

@@ -119,3 +119,23 @@ def test_gpu_check_runs_the_cuda_tests_and_reads_their_summary(monkeypatch):
     res = G.cuda_tests(None, {})
     assert calls[0][-len(res["files"]):] == res["files"] and "test_minillm.py" in res["files"] and "-k" in calls[0]
     assert res["counts"] == {"failed": 1, "passed": 1, "deselected": 33} and res["ok"] is False
+
+
+def test_a_decode_fall_back_fails_the_graph_steps_on_a_gpu(tmp_path):
+    """minillm's line saying a model decodes without graphs (or eagerly) is collected from the worker's stderr, each
+    once, and on a GPU fails the steps that time the graph path; on the CPU, where nothing asks for graphs, it is no
+    check at all."""
+    (tmp_path / "stderr.log").write_text(
+        "gpu_check worker: run cli\n"
+        "--decode graph: GPT2LMHeadModel decodes statically, without graphs: its forward could not be captured (x)\n"
+        "--decode graph: GPT2LMHeadModel decodes statically, without graphs: its forward could not be captured (x)\n"
+        "Traceback: decodes nothing\n")
+    found = G.decode_fallbacks(tmp_path / "stderr.log")
+    assert found == ["--decode graph: GPT2LMHeadModel decodes statically, without graphs: its forward could not be "
+                     "captured (x)"]
+    gpu, cpu = (G.parse_args(["--out", str(tmp_path), "--device", d]) for d in ("cuda", "cpu"))
+    assert G.graph_held(gpu, {"decode_fallbacks": found}) == {
+        "every model decoded from CUDA graphs (no --decode fall-back line)": False}
+    assert list(G.graph_held(gpu, {"decode_fallbacks": []}).values()) == [True]
+    assert G.graph_held(cpu, {"decode_fallbacks": found}) == {}
+    assert G.decode_fallbacks(tmp_path / "missing.log") == []
