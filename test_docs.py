@@ -7,7 +7,8 @@
 - offline (HF_HUB_OFFLINE=1), hub names that are not cached are named together in one line that points to
   demo.py, before anything is loaded or written, and never with the advice to set HF_HUB_OFFLINE=1; a local folder
   passes; an unreachable hub is asked once, not once per name and retry;
-- a stage that would take days on the CPU is announced with an estimate, from the configs alone.
+- a stage that would take days on the CPU is announced with an estimate, from the configs alone;
+- the README's line numbers of the method are the markers' in minillm.py.
 """
 
 import contextlib
@@ -139,6 +140,15 @@ def test_every_flag_shown_in_a_command_exists():
     bad = [f"{doc}: {script} {flag}" for doc, script, flags in cmds for flag in flags if flag not in known[script]]
     assert len(cmds) > 30 and {s for _, s, _ in cmds} == set(SCRIPTS), cmds  # the parser above finds the commands
     assert not bad, bad
+
+
+def test_the_readme_gives_the_method_s_lines_and_they_stay_under_650():
+    """The README's "lines A–B" are the THE METHOD and END OF THE METHOD markers' lines, and the stretch between them
+    stays within the 650 lines the method was given."""
+    a, b = map(int, re.search(r"\*\*lines (\d+)–(\d+)\*\*", (ROOT / "README.md").read_text()).groups())
+    lines = (ROOT / "minillm.py").read_text().splitlines()
+    marks = [i + 1 for i, line in enumerate(lines) if re.match(r"# =+ (END OF )?THE METHOD =+$", line)]
+    assert marks == [a, b] and b - a <= 650, (marks, a, b)
 
 
 def test_the_checks_find_what_is_broken(tmp_path):
