@@ -212,6 +212,31 @@ def test_the_forward_a_graph_captures_reads_nothing_on_the_host(name):
         assert logits.shape == (4, n, 300) and torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("name", ["gpt2", "opt", "llama", "qwen2", "gemma2"])
+def test_the_forward_a_graph_captures_moves_nothing_between_host_and_device(name, monkeypatch):
+    """On the CPU a copy from the host cannot be seen (host and device are one). On the meta device, which stands
+    for the GPU here, a tensor built on the host (torch.arange without a device, say) and moved over is a copy that
+    HostReads sees: the static forward after the prompt makes none, for each family (the stock head: the fp32 head
+    asks autocast about the meta device, which autocast does not know; HostReads covers it on the CPU above)."""
+    model = family(name, 300, 1).to("meta")
+    if name == "gemma2":
+        model.config.sliding_window = 64
+    ids, attn = (x.to("meta") for x in left_padded_batch())
+    dec = M.Decoder(model, ids, attn, ids.shape[1] + 24, "static", ids.shape[1])
+    with torch.no_grad():
+        dec(None, keep=1)
+        for n in (1, 4):
+            with M.HostReads() as reads:
+                logits = dec.run(dec.ids[:, :n])
+            assert not reads.seen and logits.shape == (4, n, 300), reads.seen
+        block = model.get_decoder().layers[0] if hasattr(model.get_decoder(), "layers") else model.transformer.h[0]
+        forward = block.forward
+        monkeypatch.setattr(block, "forward", lambda h, *a, **kw: forward(h + torch.zeros(h.shape[-1]).to(h.device), *a, **kw))
+        with M.HostReads() as reads:  # the same check sees a planted one
+            dec.run(dec.ids[:, :1])
+        assert reads.seen == ["aten::_to_copy"]
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.2])
 def test_static_sampling_waits_for_the_device_once_per_few_tokens(alpha, monkeypatch):
     """No host-device synchronisation inside the decode loop: over N = 40 tokens that no row ends early, the static
