@@ -1551,6 +1551,9 @@ DECODE_MODES = ("auto", "eager", "static", "graph")
 PENDING_BYTES = 2 ** 30  # sample_rollouts: student log-probs (fp32) waiting for the teacher's catch-up, at most
 CHECK_EVERY = 8  # static and graph decoding: tokens between two checks that every row has ended (a host sync)
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # graph mode: forward lengths with a graph of their own (longer: static, unreplayed)
+CAPTURE_AT = 2  # graph mode: a bucket is captured at its 2nd forward of a decoder's life; its 1st runs statically.
+# A capture costs about three forwards (two warm-ups, the capture) and its graph keeps a (B, n, V) fp32 output: a
+# bucket used once per collection (a long catch-up, rare at α = 0.2) would not repay either.
 _decoders = {}  # static and graph: (role, model, mode, B, slots, autocast) -> Decoder, kept for a collection
 
 
@@ -1641,7 +1644,7 @@ class Decoder:
 
     def __init__(self, model, prompt_ids, prompt_mask, slots, mode, width):
         self.model, self.mode, self.slots, self.width = model, mode, slots, width
-        self.graphs, self.pool, self.side = {}, None, None
+        self.graphs, self.pool, self.side, self.uses = {}, None, None, {}
         B, device = prompt_ids.shape[0], prompt_ids.device
         if mode == "eager":
             self.attn = torch.cat([prompt_mask, prompt_mask.new_ones(B, slots - prompt_mask.shape[1])], 1)  # once
@@ -1680,7 +1683,9 @@ class Decoder:
         else:  # padded to its bucket: static runs exactly what graph replays
             n = next(b for b in BUCKETS if b >= L)
             self.ids[:, :L].copy_(ids)
-            logits = (self.replay(n) if self.mode == "graph" else self.run(self.ids[:, :n]))[:, L - keep:L]
+            self.uses[n] = self.uses.get(n, 0) + 1
+            graph = self.mode == "graph" and self.uses[n] >= CAPTURE_AT
+            logits = (self.replay(n) if graph else self.run(self.ids[:, :n]))[:, L - keep:L]
         self.pos += L
         self.filled += L
         return logits
