@@ -1004,6 +1004,7 @@ def sft_stage(path, init, tok, train, val, args, lr, epochs, dtype, teacher_path
     """Run one SFT stage into `path` unless it is already done there; continue it from its checkpoint if any."""
     if is_done(path):
         print(f"{Path(path).name}: done, skipping ({path})")
+        drop_checkpoints(path)
         return path
     set_seed(args.seed + rank())  # every stage starts from the seed, so a stage started by a rerun starts the same
     resume = find_checkpoint(Path(path) / "ckpt")
@@ -1082,6 +1083,7 @@ def run(args):
     minillm_path = str(out / "minillm")
     if is_done(minillm_path):
         print(f"minillm: done, skipping ({minillm_path})")
+        drop_checkpoints(minillm_path)
         return
     set_seed(args.seed + rank())
     resume = find_checkpoint(Path(minillm_path) / "ckpt")
@@ -2527,8 +2529,14 @@ def mark_done(path, **info):
     with write_guard(Path(path) / "done.json", kept=lambda: kept_in(path)):  # a rerun resumes, to the same end
         if is_main():
             write_atomic(Path(path) / "done.json", json.dumps(info, indent=1))
+    drop_checkpoints(path)
+
+
+def drop_checkpoints(path):
+    """A finished stage's resume checkpoints (optimizer moments: twice the model's size, useless from now on): removed
+    by mark_done, and by a rerun that finds the stage done, in case a kill came between done.json and their removal."""
     if is_main():
-        for suffix in ("", ".old", ".tmp"):  # optimizer moments: twice the model's size, useless from now on
+        for suffix in ("", ".old", ".tmp"):
             shutil.rmtree(Path(path) / ("ckpt" + suffix), ignore_errors=True)
 
 

@@ -231,6 +231,29 @@ def test_sigkill_at_any_instant_and_inside_a_checkpoint_write_resumes_bitwise(re
     same_as(reference, tmp_path / "run")
 
 
+class Killed(BaseException):
+    """The process dies here (SIGKILL), as far as the run's files are concerned."""
+
+
+def test_a_kill_between_done_and_the_checkpoints_removal_leaves_no_checkpoint(reference, files, tmp_path, monkeypatch):
+    """A kill after a stage's done.json is written and before its checkpoints are removed: the rerun finds the stage
+    done, skips it, and removes them then (a 7B student's optimizer moments are ~100 GB to leave behind)."""
+    argv = base(files, save_interval=2) + ["--out", str(tmp_path / "run")]
+    drop = M.drop_checkpoints
+
+    def killed_at_the_last(path):
+        if Path(path).name == "minillm":
+            raise Killed
+        drop(path)
+    monkeypatch.setattr(M, "drop_checkpoints", killed_at_the_last)
+    with pytest.raises(Killed):
+        M.main(argv)
+    assert (tmp_path / "run" / "minillm" / "done.json").exists() and (tmp_path / "run" / "minillm" / "ckpt").exists()
+    monkeypatch.setattr(M, "drop_checkpoints", drop)
+    M.main(argv)
+    same_as(reference, tmp_path / "run")
+
+
 # ---------------------------------------------------------------------------------------------------
 # 3. Two ranks (gloo): the signal reaches rank 1 only; both stop after the same step. A failed write on one rank
 #    stops both, in one line, with no rank left waiting in a collective.
