@@ -1601,7 +1601,7 @@ def decoder(model, prompt_ids, prompt_mask, max_new_tokens, mode="eager", width=
     model = unwrap(model)
     width = max(width or 0, prompt_ids.shape[1])
     slots = width + max_new_tokens  # the last slot is never a real token's (y_N is fed to no model): padding's
-    why = static_unsupported(model, width + max_new_tokens, mode) if mode != "eager" else None
+    why = static_unsupported(model, slots, mode) if mode != "eager" else None
     if why:
         if (id(model), why) not in _warned:
             _warned.add((id(model), why))
@@ -1706,8 +1706,9 @@ class Decoder:
         return out.logits.float()
 
     def replay(self, n):
-        """Graph mode: run(self.ids[:, :n]) replayed from its graph, captured on first use. A model whose forward
-        cannot be captured (it reads a tensor on the host, say) decodes statically from then on, and says why."""
+        """Graph mode: run(self.ids[:, :n]) replayed from its graph, captured at the first call (the bucket's
+        CAPTURE_AT-th forward: __call__ runs the earlier ones statically). A model whose forward cannot be captured
+        (it reads a tensor on the host, say) decodes statically from then on, and says why."""
         if n not in self.graphs:
             stream = torch.cuda.current_stream()
             try:
@@ -1771,12 +1772,12 @@ class HostReads(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        name, tensors = func._schema.name, [a for a in args if isinstance(a, torch.Tensor)]
+        name = func._schema.name
         if (name in self.READS
                 or name == "aten::index" and any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1])
                 or name == "aten::repeat_interleave" and func._overloadname != "self_int" and kwargs.get("output_size") is None
                 or name in ("aten::_to_copy", "aten::copy_") and isinstance(out, torch.Tensor)
-                and {t.device.type == "cpu" for t in tensors + [out]} == {True, False}):
+                and {t.device.type == "cpu" for t in [*args[:2], out] if isinstance(t, torch.Tensor)} == {True, False}):
             self.seen.append(name)
         return out
 

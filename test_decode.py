@@ -39,10 +39,11 @@ def left_padded_batch():
     return M.collate_prompts(prompts, pad_id=0)
 
 
-def rollouts(student, teacher, alpha, decode, n=24, **kw):
-    ids, attn = left_padded_batch()
+def rollouts(student, teacher, alpha, decode, batch=None, n=24, eos=3, **kw):
+    """sample_rollouts over `batch` (default: left_padded_batch()), with seeded coins and draws."""
+    ids, attn = batch or left_padded_batch()
     coins = torch.rand(n, generator=torch.Generator().manual_seed(5)) < alpha
-    return M.sample_rollouts(student, teacher, ids, attn, torch.tensor([3]), 0, n, alpha, coins=coins,
+    return M.sample_rollouts(student, teacher, ids, attn, torch.tensor([eos]), 0, n, alpha, coins=coins,
                              generator=torch.Generator().manual_seed(7), decode=decode, **kw)
 
 
@@ -244,8 +245,7 @@ def test_static_sampling_waits_for_the_device_once_per_few_tokens(alpha, monkeyp
     reads at every token (its end check and transformers' own, in every forward). The prompts' forwards are not
     counted; on a GPU the coins' one .tolist() adds a read (the CPU's copy is no read)."""
     student, teacher = pair("gpt2")
-    ids, attn = left_padded_batch()
-    eos, N, reads = torch.tensor([299]), 40, {}  # 299: a token these models never draw
+    N, reads = 40, {}
     spy, call = HostTraffic(), M.Decoder.__call__
 
     def uncounted_prompt(self, *a, **kw):  # the prompt's forward is never captured: it may read what it likes
@@ -257,11 +257,9 @@ def test_static_sampling_waits_for_the_device_once_per_few_tokens(alpha, monkeyp
     monkeypatch.setattr(M.Decoder, "__call__", uncounted_prompt)
     for decode in ("eager", "static"):
         M.release_decoders()
-        coins = torch.rand(N, generator=torch.Generator().manual_seed(5)) < alpha
         spy.seen.clear()
         with spy:
-            out = M.sample_rollouts(student, teacher, ids, attn, eos, 0, N, alpha, coins=coins,
-                                    generator=torch.Generator().manual_seed(7), decode=decode)
+            out = rollouts(student, teacher, alpha, decode, n=N, eos=299)  # 299: a token these models never draw
         assert out["mask"].all()  # nobody ended: every check came back "not yet"
         reads[decode] = spy.ops["aten::_local_scalar_dense"] + spy.ops["aten::nonzero"]
     M.release_decoders()
@@ -373,12 +371,12 @@ def test_graph_mode_replays_static_decoding_under_graph_semantics(cpu_graphs, mo
     for decode in ("static", "graph"):
         M.release_decoders()
         student.load_state_dict(start)
-        out[decode] = [rollouts_of(student, teacher, ids, attn, alpha, decode, dtype, **long)]
+        out[decode] = [rollouts(student, teacher, alpha, decode, (ids, attn), dtype=dtype, **long)]
         captured = len(cpu_graphs)
         with torch.no_grad():
             for p in student.parameters():  # a step of the student's optimizer, in place
                 p.mul_(1.01)
-        out[decode].append(rollouts_of(student, teacher, ids.flip(0), attn.flip(0), alpha, decode, dtype, **long))
+        out[decode].append(rollouts(student, teacher, alpha, decode, (ids.flip(0), attn.flip(0)), dtype=dtype, **long))
         if decode == "graph":
             decs = {key[0]: d for key, d in M._decoders.items()}  # role -> decoder
             assert [d.mode for d in decs.values()] == ["graph", "graph"]  # no fall-back
@@ -398,22 +396,13 @@ def test_graph_mode_replays_a_filtered_mixture(cpu_graphs):
     """τ ≠ 1 and top-k: the per-token sampler, the teacher at every position, reads the student's logits again
     after the teacher's replay: static's rollouts, from two graphs (each model's one-token step)."""
     student, teacher = pair("llama")
-    ids, attn = left_padded_batch()
     out = {}
     for decode in ("static", "graph"):
         M.release_decoders()
-        out[decode] = M.sample_rollouts(student, teacher, ids, attn, torch.tensor([299]), 0, 16, 0.2, temperature=0.9,
-                                        top_k=5, generator=torch.Generator().manual_seed(7), decode=decode)
+        out[decode] = rollouts(student, teacher, 0.2, decode, n=16, eos=299, temperature=0.9, top_k=5)
     assert [d.mode for d in M._decoders.values()] == ["graph", "graph"] and len(cpu_graphs) == 2
     for k in KEYS:
         assert torch.equal(out["static"][k], out["graph"][k]), k
-
-
-def rollouts_of(student, teacher, ids, attn, alpha, decode, dtype=torch.float32, n=24, eos=3, max_chunk=None):
-    coins = torch.rand(n, generator=torch.Generator().manual_seed(5)) < alpha
-    return M.sample_rollouts(student, teacher, ids, attn, torch.tensor([eos]), 0, n, alpha, coins=coins, dtype=dtype,
-                             generator=torch.Generator().manual_seed(7), decode=decode, width=ids.shape[1],
-                             max_chunk=max_chunk)
 
 
 @pytest.mark.parametrize("host_work,why", [
@@ -432,10 +421,9 @@ def test_a_forward_that_cannot_be_captured_decodes_statically(cpu_graphs, monkey
         host_work(hidden)
         return forward(hidden, *a, **kw)
     monkeypatch.setattr(block, "forward", with_host_work)
-    ids, attn = left_padded_batch()
-    static = rollouts_of(student, teacher, ids, attn, 0.2, "static")
+    static = rollouts(student, teacher, 0.2, "static")
     M.release_decoders()
-    graph = rollouts_of(student, teacher, ids, attn, 0.2, "graph")
+    graph = rollouts(student, teacher, 0.2, "graph")
     assert {key[0]: d.mode for key, d in M._decoders.items()} == {"student": "graph", "teacher": "static"}
     err = capsys.readouterr().err
     assert err.count(f"decodes statically, without graphs: its forward could not be captured ({why})") == 1, err
