@@ -1553,9 +1553,9 @@ DECODE_MODES = ("auto", "eager", "static", "graph")
 PENDING_BYTES = 2 ** 30  # sample_rollouts: student log-probs (fp32) waiting for the teacher's catch-up, at most
 CHECK_EVERY = 8  # static and graph decoding: tokens between two checks that every row has ended (a host sync)
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # graph mode: forward lengths with a graph of their own (longer: static, unreplayed)
-CAPTURE_AT = 2  # graph mode: a bucket is captured at its 2nd forward of a decoder's life; its 1st runs statically.
-# A capture costs about three forwards (two warm-ups, the capture) and its graph keeps a (B, n, V) fp32 output: a
-# bucket used once per collection (a long catch-up, rare at α = 0.2) would not repay either.
+CAPTURE_AT = 2  # graph mode: a bucket is captured at its 2nd forward in a decoder's life; its 1st is the warm-up
+# that PyTorch's recipe asks for before a capture (a forward like any other, whose logits are used). A bucket used once
+# (a long catch-up, rare at α = 0.2) costs no capture and keeps no graph output, (B, n, V) fp32.
 _decoders = {}  # static and graph: (role, model, mode, B, slots, autocast) -> Decoder, kept for a collection
 
 
@@ -1686,8 +1686,7 @@ class Decoder:
             n = next(b for b in BUCKETS if b >= L)
             self.ids[:, :L].copy_(ids)
             self.uses[n] = self.uses.get(n, 0) + 1
-            graph = self.mode == "graph" and self.uses[n] >= CAPTURE_AT
-            logits = (self.replay(n) if graph else self.run(self.ids[:, :n]))[:, L - keep:L]
+            logits = (self.replay(n) if self.mode == "graph" else self.run(self.ids[:, :n]))[:, L - keep:L]
         self.pos += L
         self.filled += L
         return logits
@@ -1706,9 +1705,11 @@ class Decoder:
         return out.logits.float()
 
     def replay(self, n):
-        """Graph mode: run(self.ids[:, :n]) replayed from its graph, captured at the first call (the bucket's
-        CAPTURE_AT-th forward: __call__ runs the earlier ones statically). A model whose forward cannot be captured
-        (it reads a tensor on the host, say) decodes statically from then on, and says why."""
+        """Graph mode: run(self.ids[:, :n]), warmed up at the bucket's first forwards, captured at its CAPTURE_AT-th,
+        replayed from then on. A model whose forward cannot be captured (it reads a tensor on the host, say) decodes
+        statically from then on, and says why."""
+        if self.uses[n] < CAPTURE_AT:
+            return self.warm_up(n)
         if n not in self.graphs:
             stream = torch.cuda.current_stream()
             try:
@@ -1716,44 +1717,53 @@ class Decoder:
             except RuntimeError as e:  # torch.cuda.graph leaves its capture stream current when the capture fails
                 torch.cuda.set_stream(stream)
                 torch.cuda.synchronize()
-                why = (str(e.__context__ or e).strip().splitlines() or [type(e).__name__])[0]  # the cause, not "capture failed"
-                print(f"--decode graph: {type(self.model).__name__} decodes statically, without graphs: its forward "
-                      f"could not be captured ({why})", file=sys.stderr)
-                self.mode, self.graphs = "static", {}
+                self.no_graphs((str(e.__context__ or e).strip().splitlines() or [type(e).__name__])[0])  # the cause
                 return self.run(self.ids[:, :n])
         graph, out = self.graphs[n]
         graph.replay()
         return out
 
-    def capture(self, n):
-        """Capture run(ids[:, :n]) as a CUDA graph. Warm-up runs first, on a side stream as PyTorch's recipe asks;
-        they write their keys and values past the filled slots, which the real forwards overwrite. The first one
-        runs under HostReads: a forward that would fail the capture is refused before it (a failed capture can leave
-        the allocator's graph pool behind) and decodes statically. Weight casts
-        (autocast's bf16 copies, the LM head's split) happen inside the graph: a cast cached outside it would be
-        freed at the end of its autocast region while the graph still read it. The buckets' graphs share one memory
-        pool, so a graph's output is valid until the next replay of this decoder: the sampler consumes each first."""
+    def no_graphs(self, why):
+        print(f"--decode graph: {type(self.model).__name__} decodes statically, without graphs: its forward "
+              f"could not be captured ({why})", file=sys.stderr)
+        self.mode, self.graphs = "static", {}
+
+    @staticmethod
+    @contextmanager
+    def graph_region():
+        """What a captured forward runs under, its warm-ups too: weight casts (autocast's bf16 copies, the LM head's
+        split) made afresh inside it, since a cast cached outside a graph would be freed at the end of its autocast
+        region while the graph still read it."""
         global _head_casts
-        ids, saved = self.ids[:, :n], _head_casts
-        _head_casts = None
-        amp = torch.is_autocast_enabled("cuda")
+        saved, _head_casts = _head_casts, None
         try:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
-                side = self.side = self.side or torch.cuda.Stream()  # warm-ups off the main stream, as torch asks
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    with HostReads() as reads:
-                        self.run(ids)
-                    if reads.seen:
-                        raise RuntimeError(f"it reads a tensor on the host: {reads.seen[0]}")
-                    self.run(ids)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                self.pool = self.pool or torch.cuda.graph_pool_handle()
-                with torch.cuda.graph(graph, pool=self.pool):
-                    out = self.run(ids)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False):
+                yield
         finally:
             _head_casts = saved
+
+    def warm_up(self, n):
+        """A forward before the capture, on a side stream as PyTorch's recipe asks (its lazy initialisations, made
+        outside any graph); its logits are the step's. It runs under HostReads: a forward that would fail the
+        capture is refused before it (a failed capture can leave the allocator's graph pool behind), and this model
+        decodes statically."""
+        side = self.side = self.side or torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), self.graph_region(), HostReads() as reads:
+            logits = self.run(self.ids[:, :n])
+        torch.cuda.current_stream().wait_stream(side)
+        if reads.seen:
+            self.no_graphs(f"it reads a tensor on the host: {reads.seen[0]}")
+        return logits
+
+    def capture(self, n):
+        """Capture run(ids[:, :n]) as a CUDA graph (its forward's kernels, replayed on the same buffers). The buckets'
+        graphs share one memory pool, so a graph's output is valid until the next replay of this decoder: the
+        sampler consumes each first."""
+        graph = torch.cuda.CUDAGraph()
+        self.pool = self.pool or torch.cuda.graph_pool_handle()
+        with self.graph_region(), torch.cuda.graph(graph, pool=self.pool):
+            out = self.run(self.ids[:, :n])
         return graph, out
 
 

@@ -4,7 +4,7 @@ prove its numbers; only the capture and replay themselves need a GPU (gpu_check.
 
 import os
 from collections import Counter
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
@@ -325,8 +325,20 @@ class Capture(HostTraffic):
 
 
 class Stream:
+    """torch.cuda.Stream: which one is current (Stream.main, or a side stream inside torch.cuda.stream)."""
+    main = current = None
+
     def wait_stream(self, other):
         pass
+
+    @staticmethod
+    @contextmanager
+    def made_current(stream):
+        before, Stream.current = Stream.current, stream
+        try:
+            yield
+        finally:
+            Stream.current = before
 
 
 @pytest.fixture
@@ -337,10 +349,11 @@ def cpu_graphs(monkeypatch):
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: made.append(CPUGraph(made)) or made[-1])
     monkeypatch.setattr(torch.cuda, "graph", Capture)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
+    Stream.main = Stream.current = Stream()
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
-    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: None)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream.current)
+    monkeypatch.setattr(torch.cuda, "stream", Stream.made_current)
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: setattr(Stream, "current", s))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     supported = M.static_unsupported
     monkeypatch.setattr(M, "static_unsupported", lambda model, n, mode: supported(model, n, "static"))
@@ -360,14 +373,18 @@ def test_graph_mode_replays_static_decoding_under_graph_semantics(cpu_graphs, mo
     tensors the graph was captured on, nothing frozen at capture, and casts the student's weights again (a cast
     cached outside the graph would be the old weights'). A graph for each bucket length a model used at least
     CAPTURE_AT times, captured once (the second batch may need a bucket the first did not), and every forward after
-    the prompt replayed but each bucket's first."""
+    the prompt replayed but each bucket's first, its warm-up, which runs on a side stream."""
     student, teacher = pair(name)
     teacher.to(dtype)
     ids, attn = left_padded_batch()
     long = dict(eos=299, max_chunk=3)  # no row ends (24 tokens), catch-ups of 3 run padded to 4
     start = {k: v.clone() for k, v in student.state_dict().items()}
     out, runs, run = {}, [], M.Decoder.run
-    monkeypatch.setattr(M.Decoder, "run", lambda self, *a, **kw: runs.append(self.mode) or run(self, *a, **kw))
+
+    def spied(self, *a, **kw):
+        runs.append(self.mode if Stream.current is Stream.main else (self.mode, "side stream"))
+        return run(self, *a, **kw)
+    monkeypatch.setattr(M.Decoder, "run", spied)
     for decode in ("static", "graph"):
         M.release_decoders()
         student.load_state_dict(start)
@@ -384,8 +401,10 @@ def test_graph_mode_replays_static_decoding_under_graph_semantics(cpu_graphs, mo
             for d in decs.values():  # a graph for each bucket used CAPTURE_AT times or more, and for no other
                 assert set(d.graphs) == {n for n, k in d.uses.items() if k >= M.CAPTURE_AT} and set(d.uses) <= set(M.BUCKETS)
             assert captured >= 2 and len(cpu_graphs) == sum(len(d.graphs) for d in decs.values())  # each captured once
-            # run (not replay): 2 prompts a batch, each bucket's first use, 2 warm-ups and a capture per graph; no more
-            assert runs.count("graph") == 2 * 2 + sum(len(d.uses) for d in decs.values()) + 3 * len(cpu_graphs)
+            # run (not replay): 2 prompts a batch and the capture of each graph; on the side stream, each bucket's
+            # first use (its warm-up); no more
+            assert runs.count("graph") == 2 * 2 + len(cpu_graphs)
+            assert runs.count(("graph", "side stream")) == sum(len(d.uses) for d in decs.values())
     assert not torch.equal(out["static"][1]["logp_student"], out["static"][0]["logp_student"].flip(0))  # it moved
     for first, second in zip(out["static"], out["graph"]):
         for k in KEYS:
