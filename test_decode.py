@@ -2,6 +2,7 @@
 GPU replays from CUDA graphs (graph mode runs the very same padded forwards, captured once), so these CPU tests
 prove its numbers; only the capture and replay themselves need a GPU (gpu_check.py runs them)."""
 
+import inspect
 import os
 from collections import Counter
 from contextlib import contextmanager, nullcontext
@@ -309,12 +310,23 @@ class CPUGraph:
 
 
 class Capture(HostTraffic):
-    """torch.cuda.graph(g, pool=...): record into g.ops; what HostTraffic counts is refused, as CUDA refuses a host
-    read mid-capture."""
+    """torch.cuda.graph(g, pool=...): record into g.ops, on a capture stream made current for the block; what
+    HostTraffic counts is refused, as CUDA refuses a host read mid-capture. A capture that fails fails again at its
+    end (capture_end), the first error as its __context__, and leaves the capture stream current, as torch's does."""
 
     def __init__(self, graph, pool=None, **kw):
         super().__init__()
         self.graph, graph.pool = graph, pool
+
+    def __enter__(self):
+        self.before, Stream.current = Stream.current, Stream("capture")
+        return super().__enter__()
+
+    def __exit__(self, kind, error, tb):
+        super().__exit__(kind, error, tb)
+        if error is not None:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+        Stream.current = self.before
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = super().__torch_dispatch__(func, types, args, kwargs)
@@ -325,11 +337,15 @@ class Capture(HostTraffic):
 
 
 class Stream:
-    """torch.cuda.Stream: which one is current (Stream.main, or a side stream inside torch.cuda.stream)."""
+    """torch.cuda.Stream: which one is current (Stream.main, a side stream inside torch.cuda.stream, a capture's)."""
     main = current = None
+    waits = inspect.signature(torch.cuda.Stream.wait_stream)  # the real one's (torch.cuda.Stream is this class in a test)
+
+    def __init__(self, name="side"):
+        self.name = name
 
     def wait_stream(self, other):
-        pass
+        self.waits.bind(self, other)
 
     @staticmethod
     @contextmanager
@@ -341,25 +357,33 @@ class Stream:
             Stream.current = before
 
 
+def called_as(real, fake):
+    """fake, which refuses any call that the real torch function would refuse by its signature (torch's own)."""
+    signature = inspect.signature(real)
+
+    def call(*args, **kwargs):
+        signature.bind(*args, **kwargs)
+        return fake(*args, **kwargs)
+    return call
+
+
 @pytest.fixture
 def cpu_graphs(monkeypatch):
     """torch.cuda's graph and stream calls that Decoder.capture and replay make, as CPUGraph and Capture; and graph
     mode allowed off CUDA. Yields the graphs captured."""
     made = []
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: made.append(CPUGraph(made)) or made[-1])
-    monkeypatch.setattr(torch.cuda, "graph", Capture)
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
-    Stream.main = Stream.current = Stream()
-    monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream.current)
-    monkeypatch.setattr(torch.cuda, "stream", Stream.made_current)
-    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: setattr(Stream, "current", s))
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    Stream.main = Stream.current = Stream("main")
+    for name, fake in [("CUDAGraph", lambda: made.append(CPUGraph(made)) or made[-1]), ("graph", Capture),
+                       ("graph_pool_handle", object), ("Stream", Stream), ("current_stream", lambda: Stream.current),
+                       ("stream", Stream.made_current), ("set_stream", lambda s: setattr(Stream, "current", s)),
+                       ("synchronize", lambda: None)]:
+        monkeypatch.setattr(torch.cuda, name, called_as(getattr(torch.cuda, name), fake))
     supported = M.static_unsupported
     monkeypatch.setattr(M, "static_unsupported", lambda model, n, mode: supported(model, n, "static"))
     M.release_decoders()
     yield made
     M.release_decoders()
+    assert Stream.current is Stream.main  # every side stream and capture stream left, a failed capture's too
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "gemma2"])
@@ -382,12 +406,13 @@ def test_graph_mode_replays_static_decoding_under_graph_semantics(cpu_graphs, mo
     out, runs, run = {}, [], M.Decoder.run
 
     def spied(self, *a, **kw):
-        runs.append(self.mode if Stream.current is Stream.main else (self.mode, "side stream"))
+        runs.append((self.mode, Stream.current.name))
         return run(self, *a, **kw)
     monkeypatch.setattr(M.Decoder, "run", spied)
     for decode in ("static", "graph"):
         M.release_decoders()
         student.load_state_dict(start)
+        runs.clear()
         out[decode] = [rollouts(student, teacher, alpha, decode, (ids, attn), dtype=dtype, **long)]
         captured = len(cpu_graphs)
         with torch.no_grad():
@@ -401,10 +426,10 @@ def test_graph_mode_replays_static_decoding_under_graph_semantics(cpu_graphs, mo
             for d in decs.values():  # a graph for each bucket used CAPTURE_AT times or more, and for no other
                 assert set(d.graphs) == {n for n, k in d.uses.items() if k >= M.CAPTURE_AT} and set(d.uses) <= set(M.BUCKETS)
             assert captured >= 2 and len(cpu_graphs) == sum(len(d.graphs) for d in decs.values())  # each captured once
-            # run (not replay): 2 prompts a batch and the capture of each graph; on the side stream, each bucket's
-            # first use (its warm-up); no more
-            assert runs.count("graph") == 2 * 2 + len(cpu_graphs)
-            assert runs.count(("graph", "side stream")) == sum(len(d.uses) for d in decs.values())
+            # run (not replay): 2 prompts a batch; each bucket's first use (its warm-up), on a side stream; the
+            # capture of each graph; no more
+            assert Counter(runs) == {("graph", "main"): 2 * 2, ("graph", "capture"): len(cpu_graphs),
+                                                      ("graph", "side"): sum(len(d.uses) for d in decs.values())}
     assert not torch.equal(out["static"][1]["logp_student"], out["static"][0]["logp_student"].flip(0))  # it moved
     for first, second in zip(out["static"], out["graph"]):
         for k in KEYS:
