@@ -52,6 +52,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from contextlib import contextmanager, nullcontext
 from itertools import islice, zip_longest
 from pathlib import Path
@@ -1557,6 +1558,8 @@ CAPTURE_AT = 2  # graph mode: a bucket is captured at its 2nd forward in a decod
 # that PyTorch's recipe asks for before a capture (a forward like any other, whose logits are used). A bucket used once
 # (a long catch-up, rare at α = 0.2) costs no capture and keeps no graph output, (B, n, V) fp32.
 _decoders = {}  # static and graph: (role, model, mode, B, slots, autocast) -> Decoder, kept for a collection
+_checked = weakref.WeakKeyDictionary()  # graph mode: model -> the bucket lengths whose forward HostReads has passed
+_no_graphs = weakref.WeakKeyDictionary()  # graph mode: model -> why its forward cannot be captured (said once)
 
 
 def decode_mode(requested, device):
@@ -1597,7 +1600,8 @@ def decoder(model, prompt_ids, prompt_mask, max_new_tokens, mode="eager", width=
     """A Decoder for this batch. Static and graph decoders are kept and restarted for every batch of the same shape
     until release_decoders (the end of a collection): their caches are allocated once, their graphs captured once.
     width: the prompt is left-padded to this many slots (in a collection: its longest prompt, so that all its batches
-    share one decoder). A model that cannot decode statically decodes eagerly, and says why once."""
+    share one decoder). A model that cannot decode statically decodes eagerly, and says why once; in graph mode, one
+    whose forward could not be captured decodes statically from then on (Decoder.no_graphs)."""
     model = unwrap(model)
     width = max(width or 0, prompt_ids.shape[1])
     slots = width + max_new_tokens  # the last slot is never a real token's (y_N is fed to no model): padding's
@@ -1607,6 +1611,8 @@ def decoder(model, prompt_ids, prompt_mask, max_new_tokens, mode="eager", width=
             _warned.add((id(model), why))
             print(f"--decode {mode}: {type(model).__name__} decodes eagerly: {why}", file=sys.stderr)
         mode = "eager"
+    if mode == "graph" and model in _no_graphs:  # its forward could not be captured, in an earlier collection
+        mode = "static"
     if mode == "eager":
         return Decoder(model, prompt_ids, prompt_mask, slots, mode, width)
     device = prompt_ids.device.type  # the cache's dtype follows the autocast: part of the key
@@ -1724,6 +1730,8 @@ class Decoder:
         return out
 
     def no_graphs(self, why):
+        """This model decodes statically from now on, in this collection and the next ones."""
+        _no_graphs[self.model] = why
         print(f"--decode graph: {type(self.model).__name__} decodes statically, without graphs: its forward "
               f"could not be captured ({why})", file=sys.stderr)
         self.mode, self.graphs = "static", {}
@@ -1746,14 +1754,18 @@ class Decoder:
         """A forward before the capture, on a side stream as PyTorch's recipe asks (its lazy initialisations, made
         outside any graph); its logits are the step's. It runs under HostReads: a forward that would fail the
         capture is refused before it (a failed capture can leave the allocator's graph pool behind), and this model
-        decodes statically."""
+        decodes statically. Checked once per model and length in a process, not at every collection (its forward
+        goes through Python at every operator: ~10 ms for gpt2-xl's)."""
         side = self.side = self.side or torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), self.graph_region(), HostReads() as reads:
+        check = n not in _checked.setdefault(self.model, set())
+        with torch.cuda.stream(side), self.graph_region(), (HostReads() if check else nullcontext()) as reads:
             logits = self.run(self.ids[:, :n])
         torch.cuda.current_stream().wait_stream(side)
-        if reads.seen:
+        if check and reads.seen:
             self.no_graphs(f"it reads a tensor on the host: {reads.seen[0]}")
+        elif check:
+            _checked[self.model].add(n)
         return logits
 
     def capture(self, n):

@@ -454,7 +454,8 @@ def test_graph_mode_replays_a_filtered_mixture(cpu_graphs):
     (lambda h: torch.tensor([0.5]), "operation not permitted when stream is capturing (aten::lift_fresh)")])  # by capture
 def test_a_forward_that_cannot_be_captured_decodes_statically(cpu_graphs, monkeypatch, capsys, host_work, why):
     """A model whose forward reads a tensor on the host, or brings one from it, cannot be captured: graph mode says so
-    once and why, decodes that model statically from then on, and the rollouts are static decoding's. A read seen by
+    once and why, decodes that model statically from then on (the next collection's decoder is static from the
+    start), and the rollouts are static decoding's. Each forward length is checked once in the process. A read seen by
     HostReads during the warm-up stops it before any capture; what HostReads lets through fails the capture, and the
     capture's error is the reason given."""
     student, teacher = pair("llama")
@@ -466,13 +467,22 @@ def test_a_forward_that_cannot_be_captured_decodes_statically(cpu_graphs, monkey
         return forward(hidden, *a, **kw)
     monkeypatch.setattr(block, "forward", with_host_work)
     static = rollouts(student, teacher, 0.2, "static")
-    M.release_decoders()
-    graph = rollouts(student, teacher, 0.2, "graph")
-    assert {key[0]: d.mode for key, d in M._decoders.items()} == {"student": "graph", "teacher": "static"}
+    checks, reads = [], M.HostReads
+    monkeypatch.setattr(M, "HostReads", lambda: checks.append(1) or reads())
+    for collection in range(2):  # the next collection: decoders made anew, the teacher static from the start
+        M.release_decoders()
+        graph = rollouts(student, teacher, 0.2, "graph")
+        assert {key[0]: d.mode for key, d in M._decoders.items()} == {"student": "graph", "teacher": "static"}
+        made = {key[0]: key[2] for key in M._decoders}  # the mode each decoder was made in
+        assert made == {"student": "graph", "teacher": "static" if collection else "graph"}
+        for k in KEYS:
+            assert torch.equal(static[k], graph[k]), k
+        first = first if collection else len(checks)
+    assert len(checks) == first  # the next collection checks no forward again
+    # each length checked once, a flagged one the teacher's last
+    assert first == len(M._checked[student]) + len(M._checked.get(teacher, ())) + why.startswith("it reads")
     err = capsys.readouterr().err
     assert err.count(f"decodes statically, without graphs: its forward could not be captured ({why})") == 1, err
-    for k in KEYS:
-        assert torch.equal(static[k], graph[k]), k
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (gpu_check.py runs this test there)")
