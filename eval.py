@@ -53,9 +53,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minillm import (autocast, bind_device, check_device, collate_prompts, collate_sft, decode_response, die, end_ids,
-                     forward, load_config, load_frozen, max_positions, load_records, load_tokenizer, model_configs,
-                     prompt_text, resolve_dtype, sample_model, set_seed, text_start, tokenize_example)
+from minillm import (DECODE_MODES, autocast, bind_device, check_decode, check_device, collate_prompts, collate_sft,
+                     decode_mode, decode_response, die, end_ids, forward, load_config, load_frozen, max_positions,
+                     load_records, load_tokenizer, model_configs, own_decoders, prompt_text, resolve_dtype,
+                     sample_model, set_seed, text_start, tokenize_example)
 
 # ----------------------------------------------------------------------------------------------------
 # The official test sets (docs/paper.md §5). Hub repositories of raw files; the official evaluation reads
@@ -116,6 +117,9 @@ def build_parser():
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 on a GPU that computes it natively (compute capability 8.0+), else fp32")
+    g.add_argument("--decode", choices=DECODE_MODES, default="auto",
+                   help="how the models' forwards run, the same samples each way (minillm.py --decode): eager, static, "
+                        "graph (CUDA graphs); auto: graph on CUDA, eager on the CPU")
     return p
 
 
@@ -139,6 +143,7 @@ def parse_args(argv=None):
     if len(set(args.seeds)) < len(args.seeds):  # the same seed twice would overwrite its own generations
         die(f"--seeds lists a seed twice: {' '.join(map(str, args.seeds))}")
     check_device(args.device)
+    check_decode(args.decode, args.device)
     check_writable(args.out)
     if args.greedy and len(args.seeds) > 1:
         print(f"--greedy: decoding is deterministic, running seed {args.seeds[0]} only")
@@ -307,12 +312,14 @@ def generate(model, tok, examples, seed, args, dtype, desc=""):
     set_seed(seed)
     generator = torch.Generator(device=args.device).manual_seed(seed)
     outputs, eos_ids = [], end_ids(tok, *model_configs(model))  # every id that ends this model's responses
-    for i in tqdm(range(0, len(examples), args.batch_size), desc=desc, dynamic_ncols=True, leave=False):
-        prompts = [ex["prompt_ids"] for ex in examples[i:i + args.batch_size]]
-        ids, attn = (x.to(args.device) for x in collate_prompts(prompts, tok.pad_token_id))
-        tokens = sample(model, ids, attn, eos_ids, tok.pad_token_id, args.max_new_tokens,
-                        args.temperature, args.top_p, args.top_k, args.greedy, dtype, generator)
-        outputs += [decode_response(tok, row, eos_ids) for row in tokens.tolist()]
+    width = max(len(ex["prompt_ids"]) for ex in examples)  # every batch in the same slots: one static cache
+    with own_decoders():  # static and graph: the caches and graphs of this run, freed at its end
+        for i in tqdm(range(0, len(examples), args.batch_size), desc=desc, dynamic_ncols=True, leave=False):
+            prompts = [ex["prompt_ids"] for ex in examples[i:i + args.batch_size]]
+            ids, attn = (x.to(args.device) for x in collate_prompts(prompts, tok.pad_token_id))
+            tokens = sample(model, ids, attn, eos_ids, tok.pad_token_id, args.max_new_tokens, args.temperature, args.top_p,
+                            args.top_k, args.greedy, dtype, generator, decode_mode(args.decode, args.device), width)
+            outputs += [decode_response(tok, row, eos_ids) for row in tokens.tolist()]
     return outputs
 
 
@@ -450,12 +457,13 @@ def sample_batches(sampler, examples, n_samples, seed, args, dtype, tok, pad_id)
     generator = torch.Generator(device=args.device).manual_seed(seed)
     eos_ids = end_ids(tok, *model_configs(sampler))
     prompts = [ex["prompt_ids"] for ex in examples for _ in range(n_samples)]
-    batches = []
-    for i in range(0, len(prompts), args.batch_size):
-        ids, attn = (x.to(args.device) for x in collate_prompts(prompts[i:i + args.batch_size], pad_id))
-        tokens = sample_model(sampler, ids, attn, eos_ids, pad_id, args.max_new_tokens,
-                              dtype=dtype, generator=generator)
-        batches.append((ids, attn, tokens, response_mask(tokens, eos_ids)))
+    batches, width = [], max(map(len, prompts))
+    with own_decoders():
+        for i in range(0, len(prompts), args.batch_size):
+            ids, attn = (x.to(args.device) for x in collate_prompts(prompts[i:i + args.batch_size], pad_id))
+            tokens = sample_model(sampler, ids, attn, eos_ids, pad_id, args.max_new_tokens, dtype=dtype,
+                                  generator=generator, decode=decode_mode(args.decode, args.device), width=width)
+            batches.append((ids, attn, tokens, response_mask(tokens, eos_ids)))
     return batches
 
 
@@ -754,11 +762,13 @@ def local_judge(name, args, dtype, temperature, max_tokens, seed):
                   "(the judge's context)")
         prompts = [x[-keep:] for x in prompts]
         out = []
-        for i in range(0, len(prompts), args.batch_size):
-            ids, attn = (x.to(args.device) for x in collate_prompts(prompts[i:i + args.batch_size], tok.pad_token_id))
-            tokens = sample_model(model, ids, attn, eos_ids, tok.pad_token_id, max_tokens,
-                                  temperature, dtype=dtype, generator=generator)
-            out += [decode_response(tok, row, eos_ids)[0] for row in tokens.tolist()]
+        with own_decoders():
+            for i in range(0, len(prompts), args.batch_size):
+                ids, attn = (x.to(args.device) for x in collate_prompts(prompts[i:i + args.batch_size], tok.pad_token_id))
+                tokens = sample_model(model, ids, attn, eos_ids, tok.pad_token_id, max_tokens, temperature, dtype=dtype,
+                                      generator=generator, decode=decode_mode(args.decode, args.device),
+                                      width=max(map(len, prompts)))
+                out += [decode_response(tok, row, eos_ids)[0] for row in tokens.tolist()]
         return out
     return ask
 

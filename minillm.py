@@ -221,8 +221,7 @@ def check_args(args):
     if not 0.0 < args.top_p <= 1.0:
         die(f"--top-p must be in (0, 1], got {args.top_p}")
     check_device(args.device)
-    if args.decode == "graph" and torch.device(args.device).type != "cuda":
-        die(f"--decode graph replays CUDA graphs and needs a CUDA device, not {args.device}; use --decode static")
+    check_decode(args.decode, args.device)
     args.report_to = check_report_to(args.report_to)
     if (args.fsdp_teacher or args.fsdp_sample_sharded) and not args.fsdp:
         die("--fsdp-teacher and --fsdp-sample-sharded need --fsdp")
@@ -257,6 +256,11 @@ def check_device(device):
         die(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if d.type == "mps" and not torch.backends.mps.is_available():
         die(f"--device {device}: MPS is not available here; use --device cpu")
+
+
+def check_decode(decode, device):
+    if decode == "graph" and torch.device(device).type != "cuda":
+        die(f"--decode graph replays CUDA graphs and needs a CUDA device, not {device}; use --decode static")
 
 
 def parse_args(argv=None, defaults=None, parser=None):
@@ -930,25 +934,48 @@ def distill(student, teacher, tok, prompts, out_dir, args, dtype, pt_stream=None
 
 @torch.no_grad()
 def sample_model(model, prompt_ids, prompt_mask, eos_ids, pad_id, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-                 greedy=False, dtype=torch.float32, generator=None, decode="eager"):
+                 greedy=False, dtype=torch.float32, generator=None, decode="eager", width=None):
     """One model alone (evaluation, SeqKD's teacher data): -> (B, N) response tokens, pad_id after the first end id
     (eos_ids: every one, a list or a 1-D LongTensor; the end token itself kept). Our own loop rather than model.generate, so a checkpoint's generation_config.json
-    (repetition penalty, minimum length, ...) can never slip in."""
+    (repetition penalty, minimum length, ...) can never slip in. decode, width: as sample_rollouts'; every mode
+    gives the same tokens and leaves the generator where eager leaves it, so the next batch draws the same too."""
     assert not model.training, "sampling runs in eval mode (no dropout)"
     eos_ids = torch.as_tensor(eos_ids, device=prompt_ids.device).reshape(-1)  # every end id (1-D)
-    dec = decoder(model, prompt_ids, prompt_mask, max_new_tokens, decode)
-    done, out = torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device), []
+    dec = decoder(model, prompt_ids, prompt_mask, max_new_tokens, decode, width)
+    check = 1 if dec.mode == "eager" else CHECK_EVERY  # tokens between two checks for the end (a host sync)
+    rewind = check > 1 and not greedy  # static and graph draw up to CHECK_EVERY - 1 tokens past the end: undone below
+    gen = generator or (default_generator(prompt_ids.device) if rewind else None)
+    done, out, states = torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device), [], []
     with autocast(prompt_ids.device, dtype):  # one region: the weights' bf16 copies are made once
         z = dec(None, keep=1)[:, -1]  # (B, V)
         for t in range(max_new_tokens):
-            y = z.argmax(-1) if greedy else draw(filter_probs(torch.softmax(z / temperature, -1), top_k, top_p), generator)
+            if rewind and gen is not None:
+                states.append(gen.get_state())  # before y_t's draw
+            y = z.argmax(-1) if greedy else draw(filter_probs(torch.softmax(z / temperature, -1), top_k, top_p), gen)
             y = torch.where(done, torch.full_like(y, pad_id), y)
             out.append(y)
             done = done | torch.isin(y, eos_ids)
-            if done.all() or t == max_new_tokens - 1:
+            if t == max_new_tokens - 1 or (t + 1) % check == 0 and done.all():
                 break  # no forward for the last token: nothing conditions on it
             z = dec(y[:, None], keep=1)[:, -1]
-    return torch.stack(out, dim=1)
+    tokens = torch.stack(out, dim=1)
+    if check > 1:  # drop the tokens drawn after every row had ended, and give their uniforms back to the generator:
+        # it is left where eager leaves it, so that the next batch draws what eager's would
+        ended = (torch.isin(tokens, eos_ids).cumsum(1) > 0).all(0)  # (T,): every row ended at or before t
+        n = int(ended.int().argmax()) + 1 if bool(ended.any()) else tokens.shape[1]
+        tokens = tokens[:, :n]
+        if n < len(states):
+            gen.set_state(states[n])
+    return tokens
+
+
+def default_generator(device):
+    """The generator torch.rand uses on `device` when it is given none (None on a device other than CPU and CUDA:
+    static decoding there may then draw a few uniforms more than eager, changing the next batches' draws)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator if device.type == "cpu" else None
 
 
 def decode_response(tok, ids, eos_ids):
@@ -964,12 +991,13 @@ def decode_response(tok, ids, eos_ids):
 def teacher_responses(model, tok, prompts, args, dtype, desc="seqkd: teacher samples"):
     """One sampled response per prompt (τ = --temperature, top-p/top-k as flags), batched with the KV cache."""
     model.eval()
-    texts, eos_ids = [], end_ids(tok, *model_configs(model))
-    for i in __import__("tqdm").trange(0, len(prompts), args.gen_batch_size, desc=desc, dynamic_ncols=True):
-        ids, attn = (x.to(args.device) for x in collate_prompts(prompts[i:i + args.gen_batch_size], tok.pad_token_id))
-        out = sample_model(model, ids, attn, eos_ids, tok.pad_token_id,
-                           args.max_new_tokens, args.temperature, args.top_p, args.top_k, dtype=dtype)
-        texts += [decode_response(tok, row, eos_ids)[0] for row in out.tolist()]
+    texts, eos_ids, width = [], end_ids(tok, *model_configs(model)), max(map(len, prompts), default=1)
+    with own_decoders():
+        for i in __import__("tqdm").trange(0, len(prompts), args.gen_batch_size, desc=desc, dynamic_ncols=True):
+            ids, attn = (x.to(args.device) for x in collate_prompts(prompts[i:i + args.gen_batch_size], tok.pad_token_id))
+            out = sample_model(model, ids, attn, eos_ids, tok.pad_token_id, args.max_new_tokens, args.temperature,
+                               args.top_p, args.top_k, dtype=dtype, decode=decode_mode(args.decode, args.device), width=width)
+            texts += [decode_response(tok, row, eos_ids)[0] for row in out.tolist()]
     return texts
 
 

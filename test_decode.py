@@ -12,6 +12,7 @@ import torch
 
 from transformers import GPT2Config, GPT2LMHeadModel
 
+import eval as E
 import minillm as M
 from test_families import family
 from test_minillm import boost_eos, tiny_gpt2
@@ -80,13 +81,73 @@ def test_padded_forwards_stay_inside_a_learned_position_table():
         torch.testing.assert_close(out[1][k].float(), out[0][k].float(), atol=1e-5, rtol=0, msg=k)
 
 
-def test_static_sample_model_equals_eager():
-    """The single-model sampler (evaluation, SeqKD's teacher answers) on a static cache: the same tokens."""
+@pytest.mark.parametrize("decode", ["static", "graph"])
+@pytest.mark.parametrize("own_generator", [True, False])
+def test_static_sample_model_equals_eager(request, decode, own_generator):
+    """The single-model sampler (evaluation, SeqKD's teacher answers) on a static cache, and replayed from graphs
+    (under the CPU model of CUDA graphs below): the same tokens as eager, batch after batch from one generator (a
+    given one, or torch's default). They check for the end every 8 tokens, so they draw a few tokens past it; those
+    are dropped and their uniforms given back: the generator is left where eager leaves it."""
+    if decode == "graph":
+        request.getfixturevalue("cpu_graphs")
     model = boost_eos(M.fp32_head(tiny_gpt2(40, 3, scale=5.0)), 1, 2.0)
     ids, attn = left_padded_batch()
-    out = [M.sample_model(model, ids % 40, attn, [1], 0, 12, generator=torch.Generator().manual_seed(2), decode=d)
-           for d in ("eager", "static")]
-    assert torch.equal(out[0], out[1]) and (out[0] == 0).any()  # rows ended and were padded
+    out, state = {}, {}
+    for d in ("eager", decode):
+        M.release_decoders()
+        torch.manual_seed(2)
+        g = torch.Generator().manual_seed(2) if own_generator else None
+        out[d] = [M.sample_model(model, ids % 40, attn, [1], 0, 40, generator=g, decode=d, width=9) for _ in range(3)]
+        state[d] = (g or torch.default_generator).get_state()
+    lengths = [x.shape[1] for x in out["eager"]]
+    assert max(lengths) < 40 and any(n % M.CHECK_EVERY for n in lengths), lengths  # ended early, between two checks
+    assert all((x == 0).any() for x in out["eager"])  # rows ended and were padded
+    for a, b in zip(out["eager"], out[decode]):
+        assert torch.equal(a, b)
+    assert torch.equal(state["eager"], state[decode])
+    if decode == "graph":
+        assert [(d.mode, set(d.graphs)) for d in M._decoders.values()] == [("graph", {1})]  # one decoder for 3 batches
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="a CUDA GPU (gpu_check.py runs this test there)")), pytest.param("cuda:0", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="a CUDA GPU"))])
+def test_default_generator_is_the_one_torch_rand_draws_from_cuda_too(device):
+    """sample_model rewinds the generator a draw without one uses: M.default_generator(device) must be it."""
+    g = M.default_generator(device)
+    state = g.get_state()
+    a = torch.rand(5, device=device)
+    g.set_state(state)
+    assert torch.equal(torch.rand(5, device=device), a)
+
+
+class Words:
+    """The tokenizer part that eval.generate and teacher_responses use: ids written out as words."""
+    eos_token_id, pad_token_id = 1, 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(f"w{i}" for i in ids)
+
+
+def test_eval_and_seqkd_answers_are_eager_s_under_static_decoding():
+    """eval.py's sampling (a seed's generator, batch after batch, 5 batches of ragged prompts) and SeqKD's teacher
+    answers (torch's default generator) with --decode static give eager's answers, word for word."""
+    model = boost_eos(M.fp32_head(tiny_gpt2(40, 1, scale=5.0)), 1, 2.0)
+    lengths = [1, 7, 3, 5, 2, 9, 4, 6, 8]
+    prompts = [[2 + (i * 7 + j) % 37 for j in range(n)] for i, n in enumerate(lengths)]
+    answers = {}
+    for decode in ("eager", "static"):
+        args = E.parse_args(["--model", "x", "--device", "cpu", "--max-new-tokens", "40", "--batch-size", "2",
+                             "--decode", decode, "--out", "unused"])
+        evals = E.generate(model, Words(), [{"prompt_ids": p} for p in prompts], 10, args, torch.float32)
+        args = M.parse_args(["--device", "cpu", "--max-new-tokens", "40", "--gen-batch-size", "2", "--decode", decode])
+        torch.manual_seed(3)
+        answers[decode] = evals, M.teacher_responses(model, Words(), prompts, args, torch.float32)
+    evals, seqkd = answers["eager"]
+    widths = [max(n for _, n in evals[i:i + 2]) + 1 for i in range(0, len(evals), 2)]  # each batch's, its end included
+    assert max(widths) < 40 and any(w % M.CHECK_EVERY for w in widths), widths  # static decodes past some batch's end
+    assert len({len(a.split()) for a in seqkd}) > 2
+    assert answers["static"] == answers["eager"]
 
 
 def test_every_forward_after_the_prompt_has_a_bucket_length(monkeypatch):
@@ -508,4 +569,23 @@ def test_graph_decoding_replays_static_decoding_on_cuda(dtype):
         torch.testing.assert_close(out["graph"][k].float(), out["static"][k].float(), atol=1e-5, rtol=0, msg=k)
         if dtype == torch.float32:
             torch.testing.assert_close(out["graph"][k].float(), out["eager"][k].float(), atol=1e-4, rtol=0, msg=k)
+    M.release_decoders()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (gpu_check.py runs this test there)")
+def test_graph_sample_model_equals_eager_on_cuda():
+    """On a GPU, fp32: the single-model sampler (eval.py, SeqKD) replayed from graphs samples eager's tokens, batch
+    after batch from one generator, and leaves it where eager does."""
+    model = boost_eos(M.fp32_head(tiny_gpt2(40, 3, scale=5.0)).cuda(), 1, 2.0)
+    ids, attn = (x.cuda() for x in left_padded_batch())
+    out, state = {}, {}
+    for d in ("eager", "graph"):
+        M.release_decoders()
+        g = torch.Generator("cuda").manual_seed(2)
+        out[d] = [M.sample_model(model, ids % 40, attn, [1], 0, 40, generator=g, decode=d, width=9) for _ in range(3)]
+        state[d] = g.get_state()
+    assert [(d.mode, set(d.graphs)) for d in M._decoders.values()] == [("graph", {1})]
+    for a, b in zip(out["eager"], out["graph"]):
+        assert torch.equal(a, b)
+    assert torch.equal(state["eager"], state["graph"])
     M.release_decoders()
