@@ -312,7 +312,7 @@ def generate(model, tok, examples, seed, args, dtype, desc=""):
     set_seed(seed)
     generator = torch.Generator(device=args.device).manual_seed(seed)
     outputs, eos_ids = [], end_ids(tok, *model_configs(model))  # every id that ends this model's responses
-    width = max(len(ex["prompt_ids"]) for ex in examples)  # every batch in the same slots: one static cache
+    width = max((len(ex["prompt_ids"]) for ex in examples), default=1)  # every batch in the same slots: one cache
     with own_decoders():  # static and graph: the caches and graphs of this run, freed at its end
         for i in tqdm(range(0, len(examples), args.batch_size), desc=desc, dynamic_ncols=True, leave=False):
             prompts = [ex["prompt_ids"] for ex in examples[i:i + args.batch_size]]
@@ -457,7 +457,7 @@ def sample_batches(sampler, examples, n_samples, seed, args, dtype, tok, pad_id)
     generator = torch.Generator(device=args.device).manual_seed(seed)
     eos_ids = end_ids(tok, *model_configs(sampler))
     prompts = [ex["prompt_ids"] for ex in examples for _ in range(n_samples)]
-    batches, width = [], max(map(len, prompts))
+    batches, width = [], max(map(len, prompts), default=1)
     with own_decoders():
         for i in range(0, len(prompts), args.batch_size):
             ids, attn = (x.to(args.device) for x in collate_prompts(prompts[i:i + args.batch_size], pad_id))
@@ -761,13 +761,12 @@ def local_judge(name, args, dtype, temperature, max_tokens, seed):
             print(f"judge: {sum(len(x) > keep for x in prompts)} of {len(prompts)} prompts cut to their last {keep} tokens "
                   "(the judge's context)")
         prompts = [x[-keep:] for x in prompts]
-        out = []
+        out, width = [], max(map(len, prompts), default=1)
         with own_decoders():
             for i in range(0, len(prompts), args.batch_size):
                 ids, attn = (x.to(args.device) for x in collate_prompts(prompts[i:i + args.batch_size], tok.pad_token_id))
                 tokens = sample_model(model, ids, attn, eos_ids, tok.pad_token_id, max_tokens, temperature, dtype=dtype,
-                                      generator=generator, decode=decode_mode(args.decode, args.device),
-                                      width=max(map(len, prompts)))
+                                      generator=generator, decode=decode_mode(args.decode, args.device), width=width)
                 out += [decode_response(tok, row, eos_ids)[0] for row in tokens.tolist()]
         return out
     return ask

@@ -962,7 +962,7 @@ def sample_model(model, prompt_ids, prompt_mask, eos_ids, pad_id, max_new_tokens
     if check > 1:  # drop the tokens drawn after every row had ended, and give their uniforms back to the generator:
         # it is left where eager leaves it, so that the next batch draws what eager's would
         ended = (torch.isin(tokens, eos_ids).cumsum(1) > 0).all(0)  # (T,): every row ended at or before t
-        n = int(ended.int().argmax()) + 1 if bool(ended.any()) else tokens.shape[1]
+        n = int(ended.int().argmax()) + 1 if bool(ended[-1]) else tokens.shape[1]  # ended never turns back
         tokens = tokens[:, :n]
         if n < len(states):
             gen.set_state(states[n])
@@ -974,6 +974,7 @@ def default_generator(device):
     static decoding there may then draw a few uniforms more than eager, changing the next batches' draws)."""
     device = torch.device(device)
     if device.type == "cuda":
+        torch.cuda.init()  # default_generators is empty until CUDA is initialised
         return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
     return torch.default_generator if device.type == "cpu" else None
 
@@ -1583,7 +1584,7 @@ PENDING_BYTES = 2 ** 30  # sample_rollouts: student log-probs (fp32) waiting for
 CHECK_EVERY = 8  # static and graph decoding: tokens between two checks that every row has ended (a host sync)
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # graph mode: forward lengths with a graph of their own (longer: static, unreplayed)
 CAPTURE_AT = 2  # graph mode: a bucket is captured at its 2nd forward in a decoder's life; its 1st is the warm-up
-# that PyTorch's recipe asks for before a capture (a forward like any other, whose logits are used). A bucket used once
+# that PyTorch's recipe asks for before a capture (a forward like any other, whose logits are used): at least 2. A bucket used once
 # (a long catch-up, rare at α = 0.2) costs no capture and keeps no graph output, (B, n, V) fp32.
 _decoders = {}  # static and graph: (role, model, mode, B, slots, autocast) -> Decoder, kept for a collection
 _checked = weakref.WeakKeyDictionary()  # graph mode: model -> the bucket lengths whose forward HostReads has passed
@@ -1639,8 +1640,6 @@ def decoder(model, prompt_ids, prompt_mask, max_new_tokens, mode="eager", width=
             _warned.add((id(model), why))
             print(f"--decode {mode}: {type(model).__name__} decodes eagerly: {why}", file=sys.stderr)
         mode = "eager"
-    if mode == "graph" and model in _no_graphs:  # its forward could not be captured, in an earlier collection
-        mode = "static"
     if mode == "eager":
         return Decoder(model, prompt_ids, prompt_mask, slots, mode, width)
     device = prompt_ids.device.type  # the cache's dtype follows the autocast: part of the key
@@ -1649,7 +1648,8 @@ def decoder(model, prompt_ids, prompt_mask, max_new_tokens, mode="eager", width=
     if key not in _decoders:  # (it holds the model: the id cannot be another model's while the entry lives)
         for other in [k for k in _decoders if k[:3] == key[:3]]:  # another shape (a collection's smaller last
             del _decoders[other]  # batch): one cache per model and mode at a time
-        _decoders[key] = Decoder(model, prompt_ids, prompt_mask, slots, mode, width)
+        runs = "static" if mode == "graph" and model in _no_graphs else mode  # its forward could not be captured
+        _decoders[key] = Decoder(model, prompt_ids, prompt_mask, slots, runs, width)  # (the key keeps what was asked)
     return _decoders[key].start(prompt_ids, prompt_mask)
 
 
@@ -1720,7 +1720,7 @@ class Decoder:
             n = next(b for b in BUCKETS if b >= L)
             self.ids[:, :L].copy_(ids)
             self.uses[n] = self.uses.get(n, 0) + 1
-            logits = (self.replay(n) if self.mode == "graph" else self.run(self.ids[:, :n]))[:, L - keep:L]
+            logits = (self.graph_forward(n) if self.mode == "graph" else self.run(self.ids[:, :n]))[:, L - keep:L]
         self.pos += L
         self.filled += L
         return logits
@@ -1738,10 +1738,10 @@ class Decoder:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=self.positions.index_select(1, q), **kw)
         return out.logits.float()
 
-    def replay(self, n):
-        """Graph mode: run(self.ids[:, :n]), warmed up at the bucket's first forwards, captured at its CAPTURE_AT-th,
-        replayed from then on. A model whose forward cannot be captured (it reads a tensor on the host, say) decodes
-        statically from then on, and says why."""
+    def graph_forward(self, n):
+        """Graph mode's run(self.ids[:, :n]): the bucket's first forwards are warm-ups, its CAPTURE_AT-th is captured,
+        and every one from then on replays the graph. A model whose forward cannot be captured (it reads a tensor on
+        the host, say) decodes statically from then on, and says why."""
         if self.uses[n] < CAPTURE_AT:
             return self.warm_up(n)
         if n not in self.graphs:
@@ -1759,10 +1759,12 @@ class Decoder:
 
     def no_graphs(self, why):
         """This model decodes statically from now on, in this collection and the next ones."""
+        self.mode, self.graphs = "static", {}
+        if self.model in _no_graphs:  # said already (one model, two roles)
+            return
         _no_graphs[self.model] = why
         print(f"--decode graph: {type(self.model).__name__} decodes statically, without graphs: its forward "
               f"could not be captured ({why})", file=sys.stderr)
-        self.mode, self.graphs = "static", {}
 
     @staticmethod
     @contextmanager
@@ -1773,7 +1775,8 @@ class Decoder:
         global _head_casts
         saved, _head_casts = _head_casts, None
         try:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False):
+            amp = torch.is_autocast_enabled("cuda")
+            with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=amp, cache_enabled=False):
                 yield
         finally:
             _head_casts = saved
@@ -1785,7 +1788,9 @@ class Decoder:
         decodes statically. Checked once per model and length in a process, not at every collection (its forward
         goes through Python at every operator: ~10 ms for gpt2-xl's)."""
         side = self.side = self.side or torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+        side.wait_stream(torch.cuda.current_stream())  # and the main stream waits for it below: the logits, made
+        # on the side stream and freed on the main one, need no record_stream, since the side stream allocates
+        # nothing before its next wait for the main stream (here) or before a capture's synchronize
         check = n not in _checked.setdefault(self.model, set())
         with torch.cuda.stream(side), self.graph_region(), (HostReads() if check else nullcontext()) as reads:
             logits = self.run(self.ids[:, :n])

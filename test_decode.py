@@ -372,7 +372,8 @@ class CPUGraph:
 
 class Capture(HostTraffic):
     """torch.cuda.graph(g, pool=...): record into g.ops, on a capture stream made current for the block; what
-    HostTraffic counts is refused, as CUDA refuses a host read mid-capture. A capture that fails fails again at its
+    HostTraffic counts is refused, as CUDA refuses a host read mid-capture; the tensors it made read NaN until a
+    replay (a CUDA capture launches nothing). A capture that fails fails again at its
     end (capture_end), the first error as its __context__, and leaves the capture stream current, as torch's does."""
 
     def __init__(self, graph, pool=None, **kw):
@@ -388,6 +389,7 @@ class Capture(HostTraffic):
         if error is not None:
             raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
         Stream.current = self.before
+        self.graph.overwritten()  # a capture computes nothing: what it made holds garbage until a replay
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = super().__torch_dispatch__(func, types, args, kwargs)
@@ -398,8 +400,10 @@ class Capture(HostTraffic):
 
 
 class Stream:
-    """torch.cuda.Stream: which one is current (Stream.main, a side stream inside torch.cuda.stream, a capture's)."""
+    """torch.cuda.Stream: which one is current (Stream.main, a side stream inside torch.cuda.stream, a capture's),
+    and the order of waits and forwards in `log`."""
     main = current = None
+    log = []
     waits = inspect.signature(torch.cuda.Stream.wait_stream)  # the real one's (torch.cuda.Stream is this class in a test)
 
     def __init__(self, name="side"):
@@ -407,6 +411,7 @@ class Stream:
 
     def wait_stream(self, other):
         self.waits.bind(self, other)
+        Stream.log.append(f"{self.name} waits for {other.name}")
 
     @staticmethod
     @contextmanager
@@ -434,6 +439,7 @@ def cpu_graphs(monkeypatch):
     mode allowed off CUDA. Yields the graphs captured."""
     made = []
     Stream.main = Stream.current = Stream("main")
+    Stream.log = []
     for name, fake in [("CUDAGraph", lambda: made.append(CPUGraph(made)) or made[-1]), ("graph", Capture),
                        ("graph_pool_handle", object), ("Stream", Stream), ("current_stream", lambda: Stream.current),
                        ("stream", Stream.made_current), ("set_stream", lambda s: setattr(Stream, "current", s)),
@@ -468,6 +474,7 @@ def test_graph_mode_replays_static_decoding_under_graph_semantics(cpu_graphs, mo
 
     def spied(self, *a, **kw):
         runs.append((self.mode, Stream.current.name))
+        Stream.log.append(f"run on {Stream.current.name}")
         return run(self, *a, **kw)
     monkeypatch.setattr(M.Decoder, "run", spied)
     for decode in ("static", "graph"):
@@ -491,6 +498,9 @@ def test_graph_mode_replays_static_decoding_under_graph_semantics(cpu_graphs, mo
             # capture of each graph; no more
             assert Counter(runs) == {("graph", "main"): 2 * 2, ("graph", "capture"): len(cpu_graphs),
                                                       ("graph", "side"): sum(len(d.uses) for d in decs.values())}
+            log = Stream.log  # each warm-up waits for the main stream's work, and the main stream for it
+            assert all(log[i - 1:i + 2] == ["side waits for main", e, "main waits for side"]
+                       for i, e in enumerate(log) if e == "run on side")
     assert not torch.equal(out["static"][1]["logp_student"], out["static"][0]["logp_student"].flip(0))  # it moved
     for first, second in zip(out["static"], out["graph"]):
         for k in KEYS:
@@ -528,16 +538,19 @@ def test_a_forward_that_cannot_be_captured_decodes_statically(cpu_graphs, monkey
         return forward(hidden, *a, **kw)
     monkeypatch.setattr(block, "forward", with_host_work)
     static = rollouts(student, teacher, 0.2, "static")
-    checks, reads = [], M.HostReads
+    checks, reads, graphed, graph_forward = [], M.HostReads, [], M.Decoder.graph_forward
     monkeypatch.setattr(M, "HostReads", lambda: checks.append(1) or reads())
+    monkeypatch.setattr(M.Decoder, "graph_forward", lambda self, n: graphed.append(self.model) or graph_forward(self, n))
     for collection in range(2):  # the next collection: decoders made anew, the teacher static from the start
         M.release_decoders()
-        graph = rollouts(student, teacher, 0.2, "graph")
-        assert {key[0]: d.mode for key, d in M._decoders.items()} == {"student": "graph", "teacher": "static"}
-        made = {key[0]: key[2] for key in M._decoders}  # the mode each decoder was made in
-        assert made == {"student": "graph", "teacher": "static" if collection else "graph"}
-        for k in KEYS:
-            assert torch.equal(static[k], graph[k]), k
+        graphed.clear()
+        for batch in range(2):  # a second batch of the collection restarts the same two decoders
+            graph = rollouts(student, teacher, 0.2, "graph")
+            assert {key[0]: d.mode for key, d in M._decoders.items()} == {"student": "graph", "teacher": "static"}
+            assert len(M._decoders) == 2  # one cache per model
+            for k in KEYS:
+                assert torch.equal(static[k], graph[k]), k
+        assert (teacher in graphed) == (collection == 0)  # then it never tries a warm-up check or a capture again
         first = first if collection else len(checks)
     assert len(checks) == first  # the next collection checks no forward again
     # each length checked once, a flagged one the teacher's last
@@ -573,18 +586,22 @@ def test_graph_decoding_replays_static_decoding_on_cuda(dtype):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (gpu_check.py runs this test there)")
-def test_graph_sample_model_equals_eager_on_cuda():
+@pytest.mark.parametrize("own_generator", [True, False])
+def test_graph_sample_model_equals_eager_on_cuda(own_generator):
     """On a GPU, fp32: the single-model sampler (eval.py, SeqKD) replayed from graphs samples eager's tokens, batch
-    after batch from one generator, and leaves it where eager does."""
+    after batch from one generator (a given one, or CUDA's default), and leaves it where eager does."""
     model = boost_eos(M.fp32_head(tiny_gpt2(40, 3, scale=5.0)).cuda(), 1, 2.0)
     ids, attn = (x.cuda() for x in left_padded_batch())
     out, state = {}, {}
     for d in ("eager", "graph"):
         M.release_decoders()
-        g = torch.Generator("cuda").manual_seed(2)
+        torch.cuda.manual_seed(2)
+        g = torch.Generator("cuda").manual_seed(2) if own_generator else None
         out[d] = [M.sample_model(model, ids % 40, attn, [1], 0, 40, generator=g, decode=d, width=9) for _ in range(3)]
-        state[d] = g.get_state()
+        state[d] = (g or M.default_generator("cuda")).get_state()
     assert [(d.mode, set(d.graphs)) for d in M._decoders.values()] == [("graph", {1})]
+    lengths = [x.shape[1] for x in out["eager"]]
+    assert max(lengths) < 40 and any(n % M.CHECK_EVERY for n in lengths), lengths  # graph decoded past an end
     for a, b in zip(out["eager"], out["graph"]):
         assert torch.equal(a, b)
     assert torch.equal(state["eager"], state["graph"])
