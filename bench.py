@@ -218,6 +218,9 @@ def quiet_distill():
 # ----------------------------------------------------------------------------------------------------
 # 1. Sampling: teacher-mixed vs Hugging Face generate.
 
+COARSE_BUCKETS = (1, 4, 16, 64)  # sample_coarse: minillm.BUCKETS to weigh against (1, 2, 4, ..., 64) on a GPU
+
+
 def sampling_jobs(student, teacher, ids, attn, sh, device, dtype, calls=None, baseline=None, compiled=False):
     """calls: a dict that counts the teacher's forward calls and the positions decoded by `ours` (every round).
     baseline: another minillm module (--baseline): its sample_rollouts, on the same shapes, as sample_baseline."""
@@ -245,6 +248,19 @@ def sampling_jobs(student, teacher, ids, attn, sh, device, dtype, calls=None, ba
     jobs = {"sample_ours": ours(), **{f"sample_{m}": ours(m) for m in modes}}
     if device.startswith("cuda"):
         jobs["sample_graph_cold"] = ours("graph", cold=True)
+
+    def coarse():  # fewer bucket lengths: fewer captures per collection, more padding per catch-up (graph mode pays
+        # its captures: decoders made afresh; those of the other rows set aside meanwhile and kept warm)
+        kept, buckets = dict(M._decoders), M.BUCKETS
+        M._decoders.clear()
+        M.BUCKETS = COARSE_BUCKETS
+        try:
+            ours(M.decode_mode("auto", device) if device.startswith("cuda") else "static")()
+        finally:
+            M.BUCKETS = buckets
+            M._decoders.clear()
+            M._decoders.update(kept)
+    jobs["sample_coarse"] = coarse
     if baseline is not None:
         jobs["sample_baseline"] = lambda: baseline.sample_rollouts(
             student, teacher, ids, attn, eos, FakeTokenizer.pad_token_id, N, alpha=0.2, dtype=dtype,
@@ -1092,8 +1108,9 @@ def print_table(r):
             ("distill step, --teacher-logits recompute", t["step_recompute"], None, m["step_recompute"]),
             ("bf16 only: recompute_logp_old", t["recompute_logp_old"], None, None),
             ("TRL GKDTrainer step (beta=1, lmbda=1)", t["trl_step"], tok["trl_step"], m["trl_step"])]
-    rows += [(f"  --decode {k.removeprefix('sample_').replace('ours', 'auto')}" if k.startswith("sample_") else f"  HF {k}", v["s"], v["tokens_per_s"],
-              v["peak_bytes"]) for k, v in r["decode"].items() if isinstance(v, dict)]
+    label = lambda k: ("  buckets " + "/".join(map(str, COARSE_BUCKETS)) + ", cold" if k == "sample_coarse" else  # noqa: E731
+                       f"  --decode {k.removeprefix('sample_').replace('ours', 'auto')}" if k.startswith("sample_") else f"  HF {k}")
+    rows += [(label(k), v["s"], v["tokens_per_s"], v["peak_bytes"]) for k, v in r["decode"].items() if isinstance(v, dict)]
     for name, x, k, mem in rows:
         print(f"{name:<44}{ms(x):>10}{ts(k):>10}{gb(mem):>12}")
     e = r["teacher_evals"]
