@@ -549,6 +549,7 @@ def bench(a, ctx):
                "mixed_vs_generate": r["mixed_vs_generate"], "step_vs_parts": r["step_vs_parts"],
                "step_vs_trl": r["step_vs_trl"], "trl": r["notes"]["trl"], "trl_ran": r["step_vs_trl"] is not None,
                "teacher_evals_per_token": r["teacher_evals_per_token"],
+               "collection_s": {k: v["s"] for k, v in r["decode"].items() if isinstance(v, dict)},  # per --decode, buckets
                "lm_head": r["lm_head"]}  # the LM head's FLOP share and log-prob error
     return {"ok": True, "argv": argv, **summary,
             "note": "planned_*: bench's computed plan for the paper's collection (256 rollouts); the measured step is "
