@@ -1787,10 +1787,10 @@ class Decoder:
         capture is refused before it (a failed capture can leave the allocator's graph pool behind), and this model
         decodes statically. Checked once per model and length in a process, not at every collection (its forward
         goes through Python at every operator: ~10 ms for gpt2-xl's)."""
+        # Each stream waits for the other's work. The logits, made on the side stream and freed on the main one, need
+        # no record_stream: the side stream allocates nothing before its next wait (here) or a capture's synchronize.
         side = self.side = self.side or torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())  # and the main stream waits for it below: the logits, made
-        # on the side stream and freed on the main one, need no record_stream, since the side stream allocates
-        # nothing before its next wait for the main stream (here) or before a capture's synchronize
+        side.wait_stream(torch.cuda.current_stream())
         check = n not in _checked.setdefault(self.model, set())
         with torch.cuda.stream(side), self.graph_region(), (HostReads() if check else nullcontext()) as reads:
             logits = self.run(self.ids[:, :n])
