@@ -193,9 +193,10 @@ def test_decode_modes_by_device():
     """auto: CUDA graphs on CUDA, eager on the CPU. graph on the CPU is refused before anything loads."""
     assert M.decode_mode("auto", "cuda:1") == "graph" and M.decode_mode("auto", "cpu") == "eager"
     assert M.decode_mode("static", "cpu") == "static"
-    with pytest.raises(SystemExit):
-        M.parse_args(["--device", "cpu", "--decode", "graph"])
-    assert M.parse_args(["--device", "cpu"]).decode == "auto"
+    for parse in (M.parse_args, lambda argv: E.parse_args(["--model", "x", "--out", "unused", *argv])):  # eval.py too
+        with pytest.raises(SystemExit):
+            parse(["--device", "cpu", "--decode", "graph"])
+        assert parse(["--device", "cpu"]).decode == "auto" and parse(["--device", "cpu", "--decode", "static"])
 
 
 def test_a_kept_decoder_restarted_on_new_prompts_decodes_them_as_a_fresh_one():
