@@ -227,16 +227,16 @@ def sampling_jobs(student, teacher, ids, attn, sh, device, dtype, calls=None, ba
     N, gen = sh["N"], torch.Generator(device=device).manual_seed(1)
     eos = torch.tensor([FakeTokenizer.eos_token_id], device=device)
 
-    def ours(decode=M.decode_mode("auto", device), cold=False):
+    def ours(decode=M.decode_mode("auto", device), cold=False, count=True, **kw):
         def run():
             if cold:  # a first collection: graph mode captures its graphs again
                 M.release_decoders()
-            handle = None if calls is None or decode != "eager" else teacher.register_forward_pre_hook(
+            handle = None if calls is None or decode != "eager" or not count else teacher.register_forward_pre_hook(
                 lambda *_: calls.update(teacher=calls["teacher"] + 1))  # graph replays call no forward
             # static: its caches go (nothing to capture), and the graph rows keep theirs, warm
             with M.own_decoders() if decode == "static" else contextlib.nullcontext():
                 roll = M.sample_rollouts(student, teacher, ids, attn, eos, FakeTokenizer.pad_token_id, N, alpha=0.2,
-                                         dtype=dtype, keep_teacher_logits=True, generator=gen, decode=decode)
+                                         dtype=dtype, keep_teacher_logits=True, generator=gen, decode=decode, **kw)
             if handle is not None:
                 handle.remove()
                 calls["positions"] += roll["tokens"].shape[1]
@@ -261,6 +261,9 @@ def sampling_jobs(student, teacher, ids, attn, sh, device, dtype, calls=None, ba
             M._decoders.clear()
             M._decoders.update(kept)
     jobs["sample_coarse"] = coarse
+    # the teacher decoded in lockstep with the student, one token at a time (one graph, N replays), instead of
+    # catching up over the tokens drawn since its last call (fewer, longer forwards, a graph per bucket length)
+    jobs["sample_lockstep"] = ours(count=False, max_chunk=1)
     if baseline is not None:
         jobs["sample_baseline"] = lambda: baseline.sample_rollouts(
             student, teacher, ids, attn, eos, FakeTokenizer.pad_token_id, N, alpha=0.2, dtype=dtype,
@@ -1108,9 +1111,12 @@ def print_table(r):
             ("distill step, --teacher-logits recompute", t["step_recompute"], None, m["step_recompute"]),
             ("bf16 only: recompute_logp_old", t["recompute_logp_old"], None, None),
             ("TRL GKDTrainer step (beta=1, lmbda=1)", t["trl_step"], tok["trl_step"], m["trl_step"])]
-    label = lambda k: ("  buckets " + "/".join(map(str, COARSE_BUCKETS)) + ", cold" if k == "sample_coarse" else  # noqa: E731
-                       f"  --decode {k.removeprefix('sample_').replace('ours', 'auto')}" if k.startswith("sample_") else f"  HF {k}")
-    rows += [(label(k), v["s"], v["tokens_per_s"], v["peak_bytes"]) for k, v in r["decode"].items() if isinstance(v, dict)]
+    labels = {"sample_coarse": "  buckets " + "/".join(map(str, COARSE_BUCKETS)) + ", cold",
+              "sample_lockstep": "  --decode auto, teacher in lockstep"}
+    for k, v in r["decode"].items():
+        if isinstance(v, dict):
+            mode = f"  --decode {k.removeprefix('sample_').replace('ours', 'auto')}" if k.startswith("sample_") else f"  HF {k}"
+            rows.append((labels.get(k, mode), v["s"], v["tokens_per_s"], v["peak_bytes"]))
     for name, x, k, mem in rows:
         print(f"{name:<44}{ms(x):>10}{ts(k):>10}{gb(mem):>12}")
     e = r["teacher_evals"]

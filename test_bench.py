@@ -34,7 +34,7 @@ def test_bench_smoke(capsys):
     assert o["per_token_after"]["bus_bytes"] == o["per_token_before"]["bus_bytes"] == 64 * (151665 // 64) * 64 * 2
     assert o["per_micro_batch_read_after"]["host_alloc_bytes"] == 0 and o["pinned_bytes_after"] == o["store_bytes"]
     d = out["decode"]  # the collection under each --decode mode the CPU has (graph needs CUDA)
-    assert {"sample_ours", "sample_eager", "sample_static", "sample_coarse"} == set(d) and all(v["tokens_per_s"] > 0 for v in d.values())
+    assert {"sample_ours", "sample_eager", "sample_static", "sample_coarse", "sample_lockstep"} == set(d) and all(v["tokens_per_s"] > 0 for v in d.values())
     plan = out["memory_plan_bytes"]["gpt2-xl -> gpt2 (paper)"]  # the static caches and the catch-up's log-probs planned
     assert plan["sampling"] == sum(plan[k] for k in ("kv_cache", "pending_logprobs", "catch_up_logits", "graph_outputs"))
     assert res["config"]["B"] == 2 and all(v > 0 for k, v in res["timings_s"].items() if v is not None)

@@ -52,7 +52,7 @@ def test_gpu_check_runs_every_step_on_the_cpu(tmp_path):
     b = r["steps"]["bench"]
     assert b["sampling_tokens_per_s"] > 0 and b["step_s"] > 0 and b["teacher_evals_per_token"] == 1.0
     assert b["trl_ran"] is False and "--no-trl" in b["trl"]
-    assert set(b["collection_s"]) == {"sample_ours", "sample_eager", "sample_static", "sample_coarse"}
+    assert set(b["collection_s"]) == {"sample_ours", "sample_eager", "sample_static", "sample_coarse", "sample_lockstep"}
     f = r["steps"]["fsdp_smoke"]
     assert f["finite"] and f["checkpoints_saved"] and len(f["minillm_log"]) == 2
 
