@@ -3,6 +3,8 @@
 import json
 
 import bench
+from test_decode import cpu_graphs  # noqa: F401  (a fixture)
+from transformers import GPT2LMHeadModel
 
 
 def test_bench_smoke(capsys):
@@ -38,3 +40,50 @@ def test_bench_smoke(capsys):
     plan = out["memory_plan_bytes"]["gpt2-xl -> gpt2 (paper)"]  # the static caches and the catch-up's log-probs planned
     assert plan["sampling"] == sum(plan[k] for k in ("kv_cache", "pending_logprobs", "catch_up_logits", "graph_outputs"))
     assert res["config"]["B"] == 2 and all(v > 0 for k, v in res["timings_s"].items() if v is not None)
+
+
+
+def test_the_step_and_hf_generate_start_with_no_decoder_kept_by_the_sampling_jobs(cpu_graphs, monkeypatch, capsys):
+    """On CUDA (graph mode, emulated here on the CPU by test_decode's model of CUDA graphs) the sampling jobs keep
+    their decoders warm from one round to the next. A step must not find them: their caches would count in its peak,
+    and their graphs would spare its collection the captures that every collection of a run makes. HF generate's
+    peak must not count them either. bench frees them before those jobs (untimed) and makes them again before the
+    warm sampling jobs."""
+    M = bench.M
+    mode = M.decode_mode
+    monkeypatch.setattr(M, "decode_mode", lambda requested, device: "graph" if requested == "auto" else mode(requested, device))
+    seen, timed = [], []
+
+    class Timed(bench.PeakMemory):  # measure() times a job inside PeakMemory, after its untimed setup
+        def __enter__(self):
+            timed.append(True)
+            return super().__enter__()
+
+        def __exit__(self, *exc):
+            timed.pop()
+            return super().__exit__(*exc)
+    monkeypatch.setattr(bench, "PeakMemory", Timed)
+
+    inside = []  # a step or a collection running: its own sampling is not a sampling job's
+
+    def spy(name, f):
+        def call(*a, **kw):
+            if not (name == "sample" and (inside or kw.get("decode", "eager") != "graph")):
+                seen.append((name, len(M._decoders), bool(timed)))
+            inside.append(name)
+            try:
+                return f(*a, **kw)
+            finally:
+                inside.pop()
+        return call
+    for name, owner, attr in [("step", M, "distill"), ("collection", M, "collect_rollouts"),
+                              ("generate", GPT2LMHeadModel, "generate"), ("sample", M, "sample_rollouts")]:
+        monkeypatch.setattr(owner, attr, spy(name, getattr(owner, attr)))
+    bench.main(["--device", "cpu", "--shapes", "smoke", "--repeats", "1", "--no-trl", "--json"])
+    capsys.readouterr()
+    assert {name for name, _, _ in seen} >= {"step", "collection", "generate", "sample"} and cpu_graphs  # graph mode
+    assert all(n == 0 for name, n, _ in seen if name in ("step", "collection", "generate")), seen
+    # the timed graph-mode sampling jobs find their decoders (sample_ours's made again by its untimed setup after
+    # generate and the step freed them; sample_coarse is static on the CPU)
+    assert all(n > 0 for name, n, t in seen if name == "sample" and t), seen
+    assert sum(1 for name, n, t in seen if name == "sample" and not t and n == 0) == 2, seen  # a setup in each round
