@@ -248,8 +248,9 @@ def sampling_jobs(student, teacher, ids, attn, sh, device, dtype, calls=None, ba
     jobs = {"sample_ours": ours(), **{f"sample_{m}": ours(m) for m in modes}}
     # Jobs that keep their graphs warm find them gone after the jobs that free every decoder first (HF generate, the
     # step: their peaks should not count our caches): an untimed collection captures them again.
-    warm = lambda run: (run, lambda: None if M._decoders else run())  # noqa: E731
-    jobs.update({k: warm(jobs[k]) for k in ("sample_ours", "sample_graph") if k in jobs and M.decode_mode("auto", device) == "graph"})
+    if M.decode_mode("auto", device) == "graph":
+        for k in ("sample_ours", "sample_graph"):
+            jobs[k] = (jobs[k], lambda run=jobs[k]: None if M._decoders else run())
     if device.startswith("cuda"):
         jobs["sample_graph_cold"] = ours("graph", cold=True)
 
@@ -378,7 +379,8 @@ def step_jobs(student, teacher, prompts, pt_stream, sh, device, dtype):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    jobs.update(part_sampling=(sampling, lambda: zero() or M.release_decoders()), part_loss_backward=(loss_backward, zero), part_pt=(pt_backward, zero),
+    jobs.update(part_sampling=(sampling, lambda: (zero(), M.release_decoders())),  # no decoder kept, as the step's
+                part_loss_backward=(loss_backward, zero), part_pt=(pt_backward, zero),
                 part_optimizer=(opt_step, fill_grads), recompute_logp_old=(recompute, zero))
     return jobs
 
