@@ -249,7 +249,7 @@ def sampling_jobs(student, teacher, ids, attn, sh, device, dtype, calls=None, ba
     # Jobs that keep their graphs warm find them gone after the jobs that free every decoder first (HF generate, the
     # step: their peaks should not count our caches): an untimed collection captures them again.
     if M.decode_mode("auto", device) == "graph":
-        for k in ("sample_ours", "sample_graph"):
+        for k in {"sample_ours", "sample_graph"} & set(jobs):
             jobs[k] = (jobs[k], lambda run=jobs[k]: None if M._decoders else run())
     if device.startswith("cuda"):
         jobs["sample_graph_cold"] = ours("graph", cold=True)
