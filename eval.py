@@ -54,9 +54,9 @@ import torch
 import torch.nn.functional as F
 
 from minillm import (DECODE_MODES, autocast, bind_device, check_decode, check_device, collate_prompts, collate_sft,
-                     decode_mode, decode_response, die, end_ids, forward, load_config, load_frozen, max_positions,
-                     load_records, load_tokenizer, model_configs, own_decoders, prompt_text, resolve_dtype,
-                     sample_model, set_seed, text_start, tokenize_example)
+                     decode_response, die, end_ids, forward, load_config, load_frozen, max_positions, load_records,
+                     load_tokenizer, model_configs, prompt_text, resolve_dtype, sample_model, sample_prompts, set_seed,
+                     text_start, tokenize_example)
 
 # ----------------------------------------------------------------------------------------------------
 # The official test sets (docs/paper.md §5). Hub repositories of raw files; the official evaluation reads
@@ -312,14 +312,12 @@ def generate(model, tok, examples, seed, args, dtype, desc=""):
     set_seed(seed)
     generator = torch.Generator(device=args.device).manual_seed(seed)
     outputs, eos_ids = [], end_ids(tok, *model_configs(model))  # every id that ends this model's responses
-    width = max((len(ex["prompt_ids"]) for ex in examples), default=1)  # every batch in the same slots: one cache
-    with own_decoders():  # static and graph: the caches and graphs of this run, freed at its end
-        for i in tqdm(range(0, len(examples), args.batch_size), desc=desc, dynamic_ncols=True, leave=False):
-            prompts = [ex["prompt_ids"] for ex in examples[i:i + args.batch_size]]
-            ids, attn = (x.to(args.device) for x in collate_prompts(prompts, tok.pad_token_id))
-            tokens = sample(model, ids, attn, eos_ids, tok.pad_token_id, args.max_new_tokens, args.temperature, args.top_p,
-                            args.top_k, args.greedy, dtype, generator, decode_mode(args.decode, args.device), width)
-            outputs += [decode_response(tok, row, eos_ids) for row in tokens.tolist()]
+    progress = lambda starts: tqdm(starts, desc=desc, dynamic_ncols=True, leave=False)  # noqa: E731
+    for _, _, tokens in sample_prompts(model, [ex["prompt_ids"] for ex in examples], args.batch_size, tok.pad_token_id,
+                                       eos_ids, args.max_new_tokens, args.device, args.decode, progress,
+                                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                       greedy=args.greedy, dtype=dtype, generator=generator):
+        outputs += [decode_response(tok, row, eos_ids) for row in tokens.tolist()]
     return outputs
 
 
@@ -457,14 +455,9 @@ def sample_batches(sampler, examples, n_samples, seed, args, dtype, tok, pad_id)
     generator = torch.Generator(device=args.device).manual_seed(seed)
     eos_ids = end_ids(tok, *model_configs(sampler))
     prompts = [ex["prompt_ids"] for ex in examples for _ in range(n_samples)]
-    batches, width = [], max(map(len, prompts), default=1)
-    with own_decoders():
-        for i in range(0, len(prompts), args.batch_size):
-            ids, attn = (x.to(args.device) for x in collate_prompts(prompts[i:i + args.batch_size], pad_id))
-            tokens = sample_model(sampler, ids, attn, eos_ids, pad_id, args.max_new_tokens, dtype=dtype,
-                                  generator=generator, decode=decode_mode(args.decode, args.device), width=width)
-            batches.append((ids, attn, tokens, response_mask(tokens, eos_ids)))
-    return batches
+    return [(ids, attn, tokens, response_mask(tokens, eos_ids)) for ids, attn, tokens in sample_prompts(
+        sampler, prompts, args.batch_size, pad_id, eos_ids, args.max_new_tokens, args.device, args.decode, dtype=dtype,
+        generator=generator)]
 
 
 @torch.no_grad()
@@ -761,14 +754,9 @@ def local_judge(name, args, dtype, temperature, max_tokens, seed):
             print(f"judge: {sum(len(x) > keep for x in prompts)} of {len(prompts)} prompts cut to their last {keep} tokens "
                   "(the judge's context)")
         prompts = [x[-keep:] for x in prompts]
-        out, width = [], max(map(len, prompts), default=1)
-        with own_decoders():
-            for i in range(0, len(prompts), args.batch_size):
-                ids, attn = (x.to(args.device) for x in collate_prompts(prompts[i:i + args.batch_size], tok.pad_token_id))
-                tokens = sample_model(model, ids, attn, eos_ids, tok.pad_token_id, max_tokens, temperature, dtype=dtype,
-                                      generator=generator, decode=decode_mode(args.decode, args.device), width=width)
-                out += [decode_response(tok, row, eos_ids)[0] for row in tokens.tolist()]
-        return out
+        return [decode_response(tok, row, eos_ids)[0] for _, _, tokens in sample_prompts(
+            model, prompts, args.batch_size, tok.pad_token_id, eos_ids, max_tokens, args.device, args.decode,
+            temperature=temperature, dtype=dtype, generator=generator) for row in tokens.tolist()]
     return ask
 
 

@@ -969,6 +969,18 @@ def sample_model(model, prompt_ids, prompt_mask, eos_ids, pad_id, max_new_tokens
     return tokens
 
 
+def sample_prompts(model, prompts, batch_size, pad_id, eos_ids, max_new_tokens, device, decode, progress=iter, **kw):
+    """sample_model over `prompts` (token id lists) in batches of batch_size, yielding (ids, attn, tokens) per batch;
+    kw: sample_model's. Every batch in the same decoders (--decode; the prompts left-padded to the longest, so one
+    cache serves them all), freed after the last. progress: wraps the batch starts (a tqdm)."""
+    width = max(map(len, prompts), default=1)
+    with own_decoders():
+        for i in progress(range(0, len(prompts), batch_size)):
+            ids, attn = (x.to(device) for x in collate_prompts(prompts[i:i + batch_size], pad_id))
+            yield ids, attn, sample_model(model, ids, attn, eos_ids, pad_id, max_new_tokens,
+                                          decode=decode_mode(decode, device), width=width, **kw)
+
+
 def default_generator(device):
     """The generator torch.rand uses on `device` when it is given none (None on a device other than CPU and CUDA:
     static decoding there may then draw a few uniforms more than eager, changing the next batches' draws)."""
@@ -992,13 +1004,12 @@ def decode_response(tok, ids, eos_ids):
 def teacher_responses(model, tok, prompts, args, dtype, desc="seqkd: teacher samples"):
     """One sampled response per prompt (τ = --temperature, top-p/top-k as flags), batched with the KV cache."""
     model.eval()
-    texts, eos_ids, width = [], end_ids(tok, *model_configs(model)), max(map(len, prompts), default=1)
-    with own_decoders():
-        for i in __import__("tqdm").trange(0, len(prompts), args.gen_batch_size, desc=desc, dynamic_ncols=True):
-            ids, attn = (x.to(args.device) for x in collate_prompts(prompts[i:i + args.gen_batch_size], tok.pad_token_id))
-            out = sample_model(model, ids, attn, eos_ids, tok.pad_token_id, args.max_new_tokens, args.temperature,
-                               args.top_p, args.top_k, dtype=dtype, decode=decode_mode(args.decode, args.device), width=width)
-            texts += [decode_response(tok, row, eos_ids)[0] for row in out.tolist()]
+    texts, eos_ids = [], end_ids(tok, *model_configs(model))
+    progress = lambda starts: __import__("tqdm").tqdm(starts, desc=desc, dynamic_ncols=True)  # noqa: E731
+    for _, _, out in sample_prompts(model, prompts, args.gen_batch_size, tok.pad_token_id, eos_ids, args.max_new_tokens,
+                                    args.device, args.decode, progress, temperature=args.temperature, top_p=args.top_p,
+                                    top_k=args.top_k, dtype=dtype):
+        texts += [decode_response(tok, row, eos_ids)[0] for row in out.tolist()]
     return texts
 
 
