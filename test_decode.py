@@ -81,32 +81,35 @@ def test_padded_forwards_stay_inside_a_learned_position_table():
         torch.testing.assert_close(out[1][k].float(), out[0][k].float(), atol=1e-5, rtol=0, msg=k)
 
 
-@pytest.mark.parametrize("decode", ["static", "graph"])
+@pytest.mark.parametrize("device,decode", [("cpu", "static"), ("cpu", "graph"), pytest.param("cuda", "graph", marks=(
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (gpu_check.py runs this test there)")))])
 @pytest.mark.parametrize("own_generator", [True, False])
-def test_static_sample_model_equals_eager(request, decode, own_generator):
+def test_sample_model_equals_eager(request, device, decode, own_generator):
     """The single-model sampler (evaluation, SeqKD's teacher answers) on a static cache, and replayed from graphs
-    (under the CPU model of CUDA graphs below): the same tokens as eager, batch after batch from one generator (a
-    given one, or torch's default). They check for the end every 8 tokens, so they draw a few tokens past it; those
-    are dropped and their uniforms given back: the generator is left where eager leaves it."""
-    if decode == "graph":
+    (on the CPU under the model of CUDA graphs below; on a GPU, fp32, real ones): the same tokens as eager, batch after
+    batch from one generator (a given one, or torch's default). They check for the end every 8 tokens, so they draw
+    a few tokens past it; those are dropped and their uniforms given back: the generator is left where eager leaves it."""
+    if decode == "graph" and device == "cpu":
         request.getfixturevalue("cpu_graphs")
-    model = boost_eos(M.fp32_head(tiny_gpt2(40, 3, scale=5.0)), 1, 2.0)
-    ids, attn = left_padded_batch()
+    model = boost_eos(M.fp32_head(tiny_gpt2(40, 3, scale=5.0)).to(device), 1, 2.0)
+    ids, attn = (x.to(device) for x in left_padded_batch())
     out, state = {}, {}
     for d in ("eager", decode):
         M.release_decoders()
         torch.manual_seed(2)
-        g = torch.Generator().manual_seed(2) if own_generator else None
+        g = torch.Generator(device).manual_seed(2) if own_generator else None
         out[d] = [M.sample_model(model, ids % 40, attn, [1], 0, 40, generator=g, decode=d, width=9) for _ in range(3)]
-        state[d] = (g or torch.default_generator).get_state()
+        state[d] = (g or M.default_generator(device)).get_state()
     lengths = [x.shape[1] for x in out["eager"]]
     assert max(lengths) < 40 and any(n % M.CHECK_EVERY for n in lengths), lengths  # ended early, between two checks
-    assert all((x == 0).any() for x in out["eager"])  # rows ended and were padded
+    if device == "cpu":
+        assert all((x == 0).any() for x in out["eager"])  # rows ended and were padded
     for a, b in zip(out["eager"], out[decode]):
         assert torch.equal(a, b)
     assert torch.equal(state["eager"], state[decode])
     if decode == "graph":
         assert [(d.mode, set(d.graphs)) for d in M._decoders.values()] == [("graph", {1})]  # one decoder for 3 batches
+    M.release_decoders()
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -583,27 +586,4 @@ def test_graph_decoding_replays_static_decoding_on_cuda(dtype):
         torch.testing.assert_close(out["graph"][k].float(), out["static"][k].float(), atol=1e-5, rtol=0, msg=k)
         if dtype == torch.float32:
             torch.testing.assert_close(out["graph"][k].float(), out["eager"][k].float(), atol=1e-4, rtol=0, msg=k)
-    M.release_decoders()
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (gpu_check.py runs this test there)")
-@pytest.mark.parametrize("own_generator", [True, False])
-def test_graph_sample_model_equals_eager_on_cuda(own_generator):
-    """On a GPU, fp32: the single-model sampler (eval.py, SeqKD) replayed from graphs samples eager's tokens, batch
-    after batch from one generator (a given one, or CUDA's default), and leaves it where eager does."""
-    model = boost_eos(M.fp32_head(tiny_gpt2(40, 3, scale=5.0)).cuda(), 1, 2.0)
-    ids, attn = (x.cuda() for x in left_padded_batch())
-    out, state = {}, {}
-    for d in ("eager", "graph"):
-        M.release_decoders()
-        torch.cuda.manual_seed(2)
-        g = torch.Generator("cuda").manual_seed(2) if own_generator else None
-        out[d] = [M.sample_model(model, ids % 40, attn, [1], 0, 40, generator=g, decode=d, width=9) for _ in range(3)]
-        state[d] = (g or M.default_generator("cuda")).get_state()
-    assert [(d.mode, set(d.graphs)) for d in M._decoders.values()] == [("graph", {1})]
-    lengths = [x.shape[1] for x in out["eager"]]
-    assert max(lengths) < 40 and any(n % M.CHECK_EVERY for n in lengths), lengths  # graph decoded past an end
-    for a, b in zip(out["eager"], out["graph"]):
-        assert torch.equal(a, b)
-    assert torch.equal(state["eager"], state["graph"])
     M.release_decoders()
